@@ -1,0 +1,1 @@
+"""Built-in methods; importing a module registers its method."""

@@ -1,0 +1,1 @@
+"""diffaccel.pipelines: high-resolution pipelines built on diffaccel (filled by later work)."""

@@ -1,0 +1,198 @@
+"""Tiny random diffusers denoisers for tests (no hub access).
+
+Each factory builds an eval-mode fp32 model from a small config dict with a
+fixed seed, so two calls give identical weights.  Each ``*_inputs`` helper
+builds matching forward kwargs (fixed seed) at a given latent size:
+
+* ``unet_inputs(model, height, width)``: ``sample`` is ``[B, 4, height, width]``
+  (latent pixels; odd sizes are fine).
+* ``flux_inputs(model, height, width)``: a ``height x width`` grid of packed
+  image tokens (``hidden_states`` ``[B, height*width, C]`` plus matching
+  ``img_ids``) and ``text_len`` text tokens.
+* ``sd3_inputs(model, height, width)``: ``hidden_states`` ``[B, 4, height, width]``
+  (latent pixels; tokens are ``height//2 x width//2``).
+* ``wan_inputs(model, frames, height, width)``: ``hidden_states``
+  ``[B, 4, frames, height, width]`` (tokens ``frames x height//2 x width//2``).
+
+``TINY[family] = (factory, inputs_helper)``; ``TinyPipeline`` is a minimal
+``DiffusionPipeline`` holding a ``unet`` and/or ``transformer``.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+
+FLUX_CONFIG = dict(
+    patch_size=1,
+    in_channels=4,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    axes_dims_rope=(4, 6, 6),
+)
+
+SD3_CONFIG = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=4,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    caption_projection_dim=16,
+    pooled_projection_dim=32,
+    pos_embed_max_size=32,
+    dual_attention_layers=(0,),
+    qk_norm="rms_norm",
+)
+
+WAN_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=4,
+    out_channels=4,
+    text_dim=16,
+    freq_dim=32,
+    ffn_dim=32,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
+
+
+def _build(cls, config, seed):
+    torch.manual_seed(seed)
+    return cls(**config).eval()
+
+
+def tiny_unet(seed=0, **overrides):
+    from diffusers import UNet2DConditionModel
+
+    return _build(UNet2DConditionModel, {**UNET_CONFIG, **overrides}, seed)
+
+
+def tiny_flux(seed=0, **overrides):
+    from diffusers import FluxTransformer2DModel
+
+    return _build(FluxTransformer2DModel, {**FLUX_CONFIG, **overrides}, seed)
+
+
+def tiny_sd3(seed=0, **overrides):
+    from diffusers import SD3Transformer2DModel
+
+    return _build(SD3Transformer2DModel, {**SD3_CONFIG, **overrides}, seed)
+
+
+def tiny_wan(seed=0, **overrides):
+    from diffusers import WanTransformer3DModel
+
+    return _build(WanTransformer3DModel, {**WAN_CONFIG, **overrides}, seed)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def unet_inputs(model, height=8, width=8, batch=1, text_len=5, seed=0):
+    g = _gen(seed)
+    c = model.config
+    return dict(
+        sample=torch.randn(batch, c.in_channels, height, width, generator=g),
+        timestep=torch.tensor(10.0),
+        encoder_hidden_states=torch.randn(batch, text_len, c.cross_attention_dim, generator=g),
+    )
+
+
+def flux_image_ids(height, width):
+    """``img_ids`` as FluxPipeline builds them: ``[height*width, 3]`` with (0, row, col)."""
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None, :]
+    return ids.reshape(height * width, 3)
+
+
+def flux_inputs(model, height=4, width=4, batch=1, text_len=5, seed=0):
+    g = _gen(seed)
+    c = model.config
+    return dict(
+        hidden_states=torch.randn(batch, height * width, c.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(batch, text_len, c.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(batch, c.pooled_projection_dim, generator=g),
+        timestep=torch.full((batch,), 0.5),
+        img_ids=flux_image_ids(height, width),
+        txt_ids=torch.zeros(text_len, 3),
+    )
+
+
+def sd3_inputs(model, height=8, width=8, batch=1, text_len=5, seed=0):
+    g = _gen(seed)
+    c = model.config
+    return dict(
+        hidden_states=torch.randn(batch, c.in_channels, height, width, generator=g),
+        encoder_hidden_states=torch.randn(batch, text_len, c.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(batch, c.pooled_projection_dim, generator=g),
+        timestep=torch.full((batch,), 10.0),
+    )
+
+
+def wan_inputs(model, frames=2, height=8, width=8, batch=1, text_len=5, seed=0):
+    g = _gen(seed)
+    c = model.config
+    return dict(
+        hidden_states=torch.randn(batch, c.in_channels, frames, height, width, generator=g),
+        timestep=torch.full((batch,), 10.0),
+        encoder_hidden_states=torch.randn(batch, text_len, c.text_dim, generator=g),
+    )
+
+
+TINY = {
+    "unet": (tiny_unet, unet_inputs),
+    "flux": (tiny_flux, flux_inputs),
+    "sd3": (tiny_sd3, sd3_inputs),
+    "wan": (tiny_wan, wan_inputs),
+}
+
+
+def run(model, inputs):
+    """Forward without grad; returns the output sample tensor."""
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def _pipeline_cls():
+    from diffusers import DiffusionPipeline
+
+    class TinyPipeline(DiffusionPipeline):
+        """A DiffusionPipeline holding only denoisers (no tokenizers, no VAE)."""
+
+        def __init__(self, unet, transformer):
+            super().__init__()
+            self.register_modules(unet=unet, transformer=transformer)
+
+    return TinyPipeline
+
+
+def tiny_pipeline(unet=None, transformer=None):
+    return _pipeline_cls()(unet=unet, transformer=transformer)

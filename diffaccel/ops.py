@@ -9,9 +9,11 @@ device.
 """
 from __future__ import annotations
 
+import math
+
 from ._validate import check_qkv, check_scale, check_tokens, normalize_grid, per_axis, resolve_backend
 
-__all__ = ["neighborhood_attention", "neighborhood_params"]
+__all__ = ["linear_attention", "neighborhood_attention", "neighborhood_params"]
 
 
 def neighborhood_params(grid, kernel_size, dilation=1, stride=1):
@@ -76,3 +78,35 @@ def neighborhood_attention(q, k, v, grid, kernel_size, *, dilation=1, stride=1, 
     from .kernels.neighborhood_torch import neighborhood_torch
 
     return neighborhood_torch(*args)
+
+
+def linear_attention(q, k, v, *, eps=1e-4, backend=None):
+    """LinFusion's generalized linear attention (non-causal), O(N) in the sequence length.
+
+    ``out_i = phi(q_i)^T S / (phi(q_i)^T z + eps)`` with ``phi(x) = elu(x) + 1``,
+    ``S = sum_j phi(k_j) v_j^T / N`` and ``z = sum_j phi(k_j) / N`` over the
+    ``N`` keys.  Accumulated in fp32 (the key features are scaled by ``1/N``
+    before accumulation, so fp16/bf16 inputs stay finite at any length);
+    returned in q's dtype.  Differentiable on every backend.
+
+    Args:
+        q: ``[B, Sq, H, D]``.
+        k, v: ``[B, Sk, H, D]``; ``Sk`` may differ from ``Sq`` (e.g. cross-attention).
+        eps: positive finite number added to the normaliser.
+        backend: ``"triton"`` (fused kernels; CUDA, or CPU with ``TRITON_INTERPRET=1``),
+            ``"torch"`` (portable eager code, chunked over the sequence) or
+            ``None`` (Triton on CUDA, else torch).
+    """
+    check_qkv(q, k, v, same_length=False)
+    if k.shape[1] == 0:
+        raise ValueError(f"k and v must hold at least one token (the state is divided by N), got k {tuple(k.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    backend = resolve_backend(backend, q.device, supported=("triton", "torch"))
+    if backend == "triton" and q.numel() > 0:
+        from .kernels.linear_attention import linear_attention_triton
+
+        return linear_attention_triton(q, k, v, float(eps))
+    from .kernels.linear_attention_torch import linear_attention_torch
+
+    return linear_attention_torch(q, k, v, float(eps))

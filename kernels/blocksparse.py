@@ -1,0 +1,409 @@
+"""The block-sparse FlashAttention core shared by every sparse pattern.
+
+Queries and keys live in *slot order* (see ``tiling.py``): blocks of ``BLOCK``
+slots.  A pattern describes itself with
+
+* a block table: for every query block the key blocks to visit
+  (``kv_idx[m, :kv_cnt[m]]``) and whether each needs an element mask
+  (``kv_full == 0``), plus its transpose for the backward pass;
+* per-slot metadata read only on partial blocks: slot flags (image / text /
+  pad / extra), integer query bounds ``qlo``/``qhi`` and key positions ``kpos``
+  (``[S, 3]`` int32) and a float ``r2``.  ``MODE`` selects the element test:
+  ``MODE_BOX``: ``qlo <= kpos <= qhi`` on every axis (neighborhood windows);
+  ``MODE_CIRCLE``: ``sum((kpos - qlo)^2) < r2`` (CLEAR's circular window);
+  ``MODE_NONE``: only the flag rules.
+
+Flag rules (every mode): pad keys are never visible; text keys are visible to
+every query; image keys are visible to text queries; extra keys (pooled
+tokens) are visible to image queries only; image keys are visible to image
+queries where the mode's test passes.
+
+Kernels: forward (online softmax, fp32 accumulation, log-sum-exp saved) and a
+FlashAttention-2 backward (dK/dV over the transposed table, dQ over the
+forward table).  They are registered as torch custom ops so ``torch.compile``
+treats them as single nodes.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+MODE_NONE, MODE_BOX, MODE_CIRCLE = 0, 1, 2
+PAD_FLAG = 2
+
+
+@triton.jit
+def _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, MODE: tl.constexpr, NDIM: tl.constexpr):
+    qf = tl.load(QFLAG + offs_m)[:, None]
+    kf = tl.load(KFLAG + offs_n)[None, :]
+    vis = (kf == 1) | ((kf == 3) & (qf == 0)) | ((kf == 0) & (qf == 1))
+    img = (kf == 0) & (qf == 0)
+    if MODE == 1:
+        for a in tl.static_range(NDIM):
+            lo = tl.load(QLO + offs_m * 3 + a)[:, None]
+            hi = tl.load(QHI + offs_m * 3 + a)[:, None]
+            kp = tl.load(KPOS + offs_n * 3 + a)[None, :]
+            img = img & (kp >= lo) & (kp <= hi)
+        vis = vis | img
+    elif MODE == 2:
+        dist = tl.zeros(img.shape, dtype=tl.float32)
+        for a in tl.static_range(NDIM):
+            qc = tl.load(QLO + offs_m * 3 + a)[:, None]
+            kp = tl.load(KPOS + offs_n * 3 + a)[None, :]
+            dd = (kp - qc).to(tl.float32)
+            dist += dd * dd
+        vis = vis | (img & (dist < r2))
+    return vis
+
+
+@triton.jit
+def _bs_fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, QHI, KPOS,
+                   sm_scale, r2,
+                   s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
+                   H, SQ, MAXK, D,
+                   BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, NDIM: tl.constexpr,
+                   PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = (offs_d < D)[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :], mask=dmask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    cnt = tl.load(KV_CNT + pid_m)
+    for j in range(0, cnt):
+        kb = tl.load(KV_IDX + pid_m * MAXK + j)
+        full = tl.load(KV_FULL + pid_m * MAXK + j)
+        offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+        k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_ks + offs_d[None, :], mask=dmask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vs + offs_d[None, :], mask=dmask, other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if full == 0:
+            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, MODE, NDIM)
+            qk = tl.where(vis, qk, -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_d[None, :], acc.to(O.dtype.element_ty), mask=dmask)
+    # rows that saw no key (padding slots) get lse=+inf so the backward gives them zero probability
+    tl.store(LSE + pid_bh * SQ + offs_m, tl.where(m_i > -1.0e29, m_i + tl.log2(l_i), float("inf")))
+
+
+@triton.jit
+def _bs_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT, Q_FULL, QFLAG, KFLAG, QLO, QHI, KPOS,
+                        sm_scale, r2,
+                        s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
+                        H, SQ, MAXQ, D,
+                        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, NDIM: tl.constexpr,
+                        PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = (offs_d < D)[None, :]
+    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_ks + offs_d[None, :], mask=dmask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vs + offs_d[None, :], mask=dmask, other=0.0)
+    if UPCAST:
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    cnt = tl.load(Q_CNT + pid_n)
+    for i in range(0, cnt):
+        qb = tl.load(Q_IDX + pid_n * MAXQ + i)
+        full = tl.load(Q_FULL + pid_n * MAXQ + i)
+        offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :], mask=dmask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_ds + offs_d[None, :], mask=dmask, other=0.0)
+        if UPCAST:
+            do = do.to(tl.float32)
+        lse = tl.load(LSE + pid_bh * SQ + offs_m)
+        delta = tl.load(DELTA + pid_bh * SQ + offs_m)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        p = tl.exp2(qk - lse[:, None])
+        if full == 0:
+            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, MODE, NDIM)
+            p = tl.where(vis, p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    dk = dk * sm_scale
+    tl.store(DK + b * s_kb + h * s_kh + offs_n[:, None] * s_ks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=dmask)
+    tl.store(DV + b * s_vb + h * s_vh + offs_n[:, None] * s_vs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _bs_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, QHI, KPOS,
+                      sm_scale, r2,
+                      s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
+                      H, SQ, MAXK, D,
+                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, NDIM: tl.constexpr,
+                      PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = (offs_d < D)[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :], mask=dmask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_ds + offs_d[None, :], mask=dmask, other=0.0)
+    if UPCAST:
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + pid_bh * SQ + offs_m)
+    delta = tl.load(DELTA + pid_bh * SQ + offs_m)
+    dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    cnt = tl.load(KV_CNT + pid_m)
+    for j in range(0, cnt):
+        kb = tl.load(KV_IDX + pid_m * MAXK + j)
+        full = tl.load(KV_FULL + pid_m * MAXK + j)
+        offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+        k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_ks + offs_d[None, :], mask=dmask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vs + offs_d[None, :], mask=dmask, other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        p = tl.exp2(qk - lse[:, None])
+        if full == 0:
+            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, MODE, NDIM)
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=dmask)
+
+
+def _launch_cfg(device, block, d):
+    if device.type != "cuda":
+        return {}
+    return {"num_warps": 8 if block * max(d, 64) >= 128 * 128 else 4, "num_stages": 2}
+
+
+def _prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(device, dtype):
+    # Triton 3.9's CPU interpreter computes bf16 tl.dot wrongly; upcast tiles to fp32 there only.
+    return device.type != "cuda" and dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# plans: the block tables + slot metadata of one pattern on one geometry
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class BlockPlan:
+    """Everything the kernels need about a pattern, on one device."""
+
+    kv_idx: torch.Tensor
+    kv_cnt: torch.Tensor
+    kv_full: torch.Tensor
+    q_idx: torch.Tensor
+    q_cnt: torch.Tensor
+    q_full: torch.Tensor
+    qflag: torch.Tensor
+    kflag: torch.Tensor
+    qlo: torch.Tensor
+    qhi: torch.Tensor
+    kpos: torch.Tensor
+    mode: int
+    ndim: int
+    block: int
+    r2: float = 0.0
+
+    @property
+    def density(self):
+        """Fraction of (query block, key block) pairs visited."""
+        return float(self.kv_cnt.sum()) / (self.kv_cnt.numel() * self.q_cnt.numel())
+
+
+def tables_from_matrix(visit, full, device):
+    """Padded row tables (+ transposed ones) from block-level bool matrices ``[nQ, nK]``."""
+
+    def rows(mat, fl):
+        cnt = mat.sum(1)
+        width = max(int(cnt.max()) if cnt.numel() else 0, 1)
+        order = torch.argsort((~mat).to(torch.int8), dim=1, stable=True)[:, :width]
+        fl_rows = torch.gather(fl, 1, order) & (torch.arange(width)[None, :] < cnt[:, None])
+        return (order.to(torch.int32).contiguous().to(device), cnt.to(torch.int32).to(device),
+                fl_rows.to(torch.int32).contiguous().to(device))
+
+    kv = rows(visit, full & visit)
+    qv = rows(visit.t().contiguous(), (full & visit).t().contiguous())
+    return kv + qv
+
+
+# ---------------------------------------------------------------------------------------------
+# planners: pattern name -> (layout, plan, number of extra key tokens) from plain ints/floats
+# ---------------------------------------------------------------------------------------------
+
+_PLANNERS = {}
+
+
+def register_planner(name):
+    """Register ``fn(ints: tuple, floats: tuple, block: int, device) -> (TileLayout, BlockPlan)``."""
+
+    def deco(fn):
+        _PLANNERS[name] = functools.lru_cache(maxsize=64)(fn)
+        return fn
+
+    return deco
+
+
+def get_plan(pattern, ints, floats, block, device):
+    if pattern not in _PLANNERS:
+        raise ValueError(f"unknown block-sparse pattern {pattern!r}")
+    return _PLANNERS[pattern](tuple(ints), tuple(floats), int(block), str(device))
+
+
+def _slot_inputs(layout, plan, q, k, v, kx, vx):
+    qs = layout.gather(q).contiguous()
+    ks, vs = layout.gather(k), layout.gather(v)
+    n_key_slots = plan.kflag.numel()
+    if n_key_slots > ks.shape[1]:
+        extra = n_key_slots - ks.shape[1]
+        pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, 0, 0, extra - t.shape[1]))  # noqa: E731
+        ks = torch.cat([ks, pad(kx)], dim=1)
+        vs = torch.cat([vs, pad(vx)], dim=1)
+    return qs, ks.contiguous(), vs.contiguous()
+
+
+def _default_block(device):
+    return 128 if torch.device(device).type == "cuda" else 16
+
+
+# ---------------------------------------------------------------------------------------------
+# torch custom ops: one opaque node each for torch.compile (static shapes: token order in and out)
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("diffaccel::sparse_attn_fwd", mutates_args=())
+def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kx: Optional[torch.Tensor],
+                    vx: Optional[torch.Tensor], pattern: str, ints: List[int], floats: List[float], scale: float,
+                    block: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    layout, plan = get_plan(pattern, ints, floats, block, q.device)
+    qs, ks, vs = _slot_inputs(layout, plan, q, k, v, kx, vx)
+    B, SQ, H, D = qs.shape
+    o = torch.empty_like(qs)
+    lse = torch.empty((B, H, SQ), device=q.device, dtype=torch.float32)
+    _bs_fwd_kernel[(SQ // block, B * H)](
+        qs, ks, vs, o, lse, plan.kv_idx, plan.kv_cnt, plan.kv_full, plan.qflag, plan.kflag, plan.qlo, plan.qhi,
+        plan.kpos, scale, plan.r2,
+        qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+        vs.stride(0), vs.stride(1), vs.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        H, SQ, plan.kv_idx.shape[1], D,
+        BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(D)), MODE=plan.mode, NDIM=plan.ndim,
+        PREC=_prec(q.dtype), UPCAST=_upcast(q.device, q.dtype), **_launch_cfg(q.device, block, D),
+    )
+    return layout.scatter(o), lse.index_select(2, layout.inv)
+
+
+@sparse_attn_fwd.register_fake
+def _(q, k, v, kx, vx, pattern, ints, floats, scale, block):
+    B, S, H, D = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, S), dtype=torch.float32)
+
+
+@torch.library.custom_op("diffaccel::sparse_attn_bwd", mutates_args=())
+def sparse_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kx: Optional[torch.Tensor],
+                    vx: Optional[torch.Tensor], o: torch.Tensor, lse: torch.Tensor, pattern: str, ints: List[int],
+                    floats: List[float], scale: float, block: int) -> List[torch.Tensor]:
+    layout, plan = get_plan(pattern, ints, floats, block, q.device)
+    qs, ks, vs = _slot_inputs(layout, plan, q, k, v, kx, vx)
+    valid = (layout.flag != PAD_FLAG)
+    dos = (layout.gather(do) * valid[None, :, None, None]).contiguous()
+    os_ = layout.gather(o)
+    lses = torch.where(valid[None, None, :], lse.index_select(2, layout.perm), float("inf")).contiguous()
+    delta = (dos.float() * os_.float()).sum(-1).transpose(1, 2).contiguous()
+    B, SQ, H, D = qs.shape
+    dq, dk, dv = torch.empty_like(qs), torch.empty_like(ks), torch.empty_like(vs)
+    common = dict(BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(D)), MODE=plan.mode, NDIM=plan.ndim,
+                  PREC=_prec(q.dtype), UPCAST=_upcast(q.device, q.dtype), **_launch_cfg(q.device, block, D))
+    strides = (qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+               vs.stride(0), vs.stride(1), vs.stride(2), dos.stride(0), dos.stride(1), dos.stride(2))
+    meta = (plan.qflag, plan.kflag, plan.qlo, plan.qhi, plan.kpos, scale, plan.r2)
+    _bs_bwd_dkdv_kernel[(ks.shape[1] // block, B * H)](
+        qs, ks, vs, dos, lses, delta, dk, dv, plan.q_idx, plan.q_cnt, plan.q_full, *meta,
+        *strides, H, SQ, plan.q_idx.shape[1], D, **common)
+    _bs_bwd_dq_kernel[(SQ // block, B * H)](
+        qs, ks, vs, dos, lses, delta, dq, plan.kv_idx, plan.kv_cnt, plan.kv_full, *meta,
+        *strides, H, SQ, plan.kv_idx.shape[1], D, **common)
+    n = layout.num_slots
+    grads = [layout.scatter(dq), layout.scatter(dk[:, :n]), layout.scatter(dv[:, :n])]
+    if kx is not None:
+        grads += [dk[:, n:n + kx.shape[1]], dv[:, n:n + kx.shape[1]]]
+    return grads
+
+
+@sparse_attn_bwd.register_fake
+def _(do, q, k, v, kx, vx, o, lse, pattern, ints, floats, scale, block):
+    grads = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
+    if kx is not None:
+        grads += [torch.empty_like(kx), torch.empty_like(vx)]
+    return grads
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kx, vx, pattern, ints, floats, scale, block = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, kx, vx, o, lse)
+    ctx.args = (pattern, ints, floats, scale, block)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, kx, vx, o, lse = ctx.saved_tensors
+    grads = sparse_attn_bwd(do, q, k, v, kx, vx, o, lse, *ctx.args)
+    gkx, gvx = (grads[3], grads[4]) if kx is not None else (None, None)
+    return grads[0], grads[1], grads[2], gkx, gvx, None, None, None, None, None
+
+
+sparse_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sparse_attention(q, k, v, pattern, ints, floats=(), scale=None, kx=None, vx=None, block=None):
+    """Block-sparse attention of ``[B, S, H, D]`` tensors for a registered pattern.
+
+    ``ints``/``floats`` describe the pattern (see its planner); ``kx``/``vx``
+    are optional extra key/value tokens ``[B, X, H, D]`` (e.g. pooled tokens).
+    Differentiable (Triton backward); one opaque custom op under torch.compile.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    block = int(block or _default_block(q.device))
+    out, _ = sparse_attn_fwd(q, k, v, kx, vx, pattern, [int(i) for i in ints], [float(f) for f in floats], scale,
+                             block)
+    return out
+
+

@@ -1,0 +1,30 @@
+"""The package layout: kernels/ and pipelines/ install only as diffaccel.kernels / diffaccel.pipelines."""
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_wheel_maps_kernels_and_pipelines_under_diffaccel(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(tmp_path)],
+                   check=True, capture_output=True)
+    (whl,) = tmp_path.glob("diffaccel-*.whl")
+    names = zipfile.ZipFile(whl).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert "kernels" not in tops and "pipelines" not in tops, sorted(tops)
+    assert "diffaccel/kernels/blocksparse.py" in names
+    assert "diffaccel/pipelines/__init__.py" in names
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "diffaccel = diffaccel.cli:main" in zipfile.ZipFile(whl).read(entry).decode()
+
+
+def test_import_direction_kernels_know_tensors_only():
+    # kernels/ must not import diffaccel's higher layers or diffusers
+    for path in (ROOT / "kernels").glob("*.py"):
+        text = path.read_text()
+        for bad in ("import diffusers", "from diffusers", "from diffaccel", "import diffaccel", "from ..", "pipelines"):
+            assert bad not in text, f"{path.name} imports {bad!r}"
+    for path in (ROOT / "diffaccel").rglob("*.py"):
+        assert "diffaccel.pipelines" not in path.read_text(), f"{path} imports the pipelines layer"

@@ -1,1 +1,2 @@
 """Built-in methods; importing a module registers its method."""
+from . import linfusion  # noqa: F401

@@ -1,2 +1,3 @@
 """Built-in methods; importing a module registers its method."""
+from . import neighborhood  # noqa: F401
 from . import linfusion  # noqa: F401

@@ -13,7 +13,7 @@ import math
 
 from ._validate import check_qkv, check_scale, check_tokens, normalize_grid, per_axis, resolve_backend
 
-__all__ = ["linear_attention", "neighborhood_attention", "neighborhood_params"]
+__all__ = ["linear_attention", "local_attention", "neighborhood_attention", "neighborhood_params"]
 
 
 def neighborhood_params(grid, kernel_size, dilation=1, stride=1):
@@ -110,3 +110,91 @@ def linear_attention(q, k, v, *, eps=1e-4, backend=None):
     from .kernels.linear_attention_torch import linear_attention_torch
 
     return linear_attention_torch(q, k, v, float(eps))
+
+
+def _check_radius(radius):
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius <= 0:
+        raise ValueError(f"radius must be a positive finite number, got {radius!r}")
+    return float(radius)
+
+
+def _check_pooling(down_factor, pool_weight, q):
+    if down_factor is None:
+        if pool_weight is not None:
+            raise ValueError("pool_weight was given without down_factor; pass down_factor=d with a d x d pool_weight")
+        return None, None
+    if isinstance(down_factor, bool) or not isinstance(down_factor, int) or down_factor < 2:
+        raise ValueError(
+            f"down_factor must be None (no pooled tokens) or an int >= 2, got {down_factor!r}"
+        )
+    d = down_factor
+    if pool_weight is None:
+        import torch
+
+        return d, torch.full((d, d), 1.0 / (d * d), device=q.device, dtype=torch.float32)
+    if not hasattr(pool_weight, "is_floating_point") or not pool_weight.is_floating_point():
+        raise ValueError(f"pool_weight must be a floating-point torch.Tensor of shape ({d}, {d}), got {pool_weight!r}")
+    if tuple(pool_weight.shape) != (d, d):
+        raise ValueError(f"pool_weight must have shape (down_factor, down_factor) = ({d}, {d}), "
+                         f"got {tuple(pool_weight.shape)}")
+    if pool_weight.device != q.device:
+        raise ValueError(f"pool_weight is on {pool_weight.device} but q is on {q.device}")
+    return d, pool_weight
+
+
+def local_attention(q, k, v, grid, radius, *, text_len=0, text_first=True, down_factor=None, pool_weight=None,
+                    scale=None, backend=None):
+    """CLEAR's local (circular-window) attention, optionally with pooled global tokens.
+
+    An image query at ``(y, x)`` attends to the image keys with
+    ``(y - y')**2 + (x - x')**2 < radius**2`` (strictly less), to every text
+    key and, with ``down_factor``, to every pooled token.  Text queries attend
+    to every text and image key (never to pooled tokens).
+
+    Args:
+        q, k, v: ``[B, S, H, D]`` with ``S = text_len + H_grid * W_grid``.
+        grid: ``(H, W)``: the image tokens in row-major order.
+        radius: positive number (a float is fine); ``radius**2`` bounds the squared distance.
+        text_len, text_first: text tokens before (FLUX) or after (SD3) the image.
+        down_factor: ``None`` or an int ``d >= 2``: append ``ceil(H/d) * ceil(W/d)``
+            pooled keys/values (row-major), ``pooled[i, j] = sum_{a,b} x[i*d+a, j*d+b] * pool_weight[a, b]``.
+            Border rule for grids not divisible by ``d``: the last, partial
+            windows repeat the grid's last row/column (edge replication,
+            ``x[min(i*d+a, H-1), min(j*d+b, W-1)]``), so every window keeps its
+            full weight; divisible grids follow the rule exactly (CLEAR's pooling).
+        pool_weight: ``d x d`` tensor (default ``1/d**2`` everywhere); gradients
+            reach it when it requires grad (pooling is plain differentiable torch,
+            accumulated in fp32, outside the attention kernel).
+        scale: softmax scale, default ``1/sqrt(D)``.
+        backend: ``"triton"``, ``"flex"``, ``"torch"`` or ``None`` (Triton on CUDA, else torch).
+            Every backend runs forward and backward (q, k, v, pool_weight).
+    """
+    check_qkv(q, k, v)
+    grid = normalize_grid(grid, allowed=(2,))
+    radius = _check_radius(radius)
+    check_tokens(q, grid, text_len)
+    if not isinstance(text_first, bool):
+        raise ValueError(f"text_first must be a bool, got {text_first!r}")
+    down_factor, pool_weight = _check_pooling(down_factor, pool_weight, q)
+    scale = check_scale(scale, q.shape[-1])
+    backend = resolve_backend(backend, q.device)
+    if q.numel() == 0:
+        backend = "torch"
+    kx = vx = None
+    if down_factor is not None:
+        from .kernels.local_torch import pool_tokens
+
+        kx = pool_tokens(k, grid, down_factor, pool_weight, text_len, text_first)
+        vx = pool_tokens(v, grid, down_factor, pool_weight, text_len, text_first)
+    args = (q, k, v, grid, radius, text_len, text_first, kx, vx, scale)
+    if backend == "triton":
+        from .kernels.local_triton import local_triton
+
+        return local_triton(*args)
+    if backend == "flex":
+        from .kernels.local_flex import local_flex
+
+        return local_flex(*args)
+    from .kernels.local_torch import local_torch
+
+    return local_torch(*args)

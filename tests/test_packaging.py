@@ -16,6 +16,9 @@ def test_wheel_maps_kernels_and_pipelines_under_diffaccel(tmp_path):
     assert "kernels" not in tops and "pipelines" not in tops, sorted(tops)
     assert "diffaccel/kernels/blocksparse.py" in names
     assert "diffaccel/pipelines/__init__.py" in names
+    # every subpackage of the source tree is in the wheel
+    for init in (ROOT / "diffaccel").rglob("__init__.py"):
+        assert init.relative_to(ROOT).as_posix() in names, f"{init} missing from the wheel"
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "diffaccel = diffaccel.cli:main" in zipfile.ZipFile(whl).read(entry).decode()
 

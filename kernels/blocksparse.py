@@ -11,7 +11,11 @@ slots.  A pattern describes itself with
   (``[S, 3]`` int32) and a float ``r2``.  ``MODE`` selects the element test:
   ``MODE_BOX``: ``qlo <= kpos <= qhi`` on every axis (neighborhood windows);
   ``MODE_CIRCLE``: ``sum((kpos - qlo)^2) < r2`` (CLEAR's circular window);
-  ``MODE_NONE``: only the flag rules.
+  ``MODE_NONE``: only the flag rules;
+  ``MODE_SELECT``: a data-dependent selection (mixture of block attention):
+  ``kpos[:, 0]`` is the id of each key slot's block and a per (batch*head)
+  bit table ``sel[bh, query slot, id // 32] >> (id % 32) & 1`` says whether
+  that query selected it.
 
 Flag rules (every mode): pad keys are never visible; text keys are visible to
 every query; image keys are visible to text queries; extra keys (pooled
@@ -22,6 +26,12 @@ Kernels: forward (online softmax, fp32 accumulation, log-sum-exp saved) and a
 FlashAttention-2 backward (dK/dV over the transposed table, dQ over the
 forward table).  They are registered as torch custom ops so ``torch.compile``
 treats them as single nodes.
+
+Block tables are either static (one table for every batch*head, built by a
+cached planner from the geometry: :func:`sparse_attention`) or dynamic (one
+table per batch*head, computed from the data on every call:
+:func:`sparse_attention_dynamic`, built with :func:`dynamic_tables`); the
+kernels read both through a per batch*head table stride (0 when static).
 """
 from __future__ import annotations
 
@@ -33,12 +43,13 @@ import torch
 import triton
 import triton.language as tl
 
-MODE_NONE, MODE_BOX, MODE_CIRCLE = 0, 1, 2
+MODE_NONE, MODE_BOX, MODE_CIRCLE, MODE_SELECT = 0, 1, 2, 3
 PAD_FLAG = 2
 
 
 @triton.jit
-def _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, MODE: tl.constexpr, NDIM: tl.constexpr):
+def _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, sel_off, SEL_W,
+             MODE: tl.constexpr, NDIM: tl.constexpr):
     qf = tl.load(QFLAG + offs_m)[:, None]
     kf = tl.load(KFLAG + offs_n)[None, :]
     vis = (kf == 1) | ((kf == 3) & (qf == 0)) | ((kf == 0) & (qf == 1))
@@ -58,12 +69,16 @@ def _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, MODE: tl.constexp
             dd = (kp - qc).to(tl.float32)
             dist += dd * dd
         vis = vis | (img & (dist < r2))
+    elif MODE == 3:
+        kb = tl.maximum(tl.load(KPOS + offs_n * 3), 0)[None, :]
+        word = tl.load(SEL + sel_off + offs_m[:, None] * SEL_W + kb // 32, mask=img, other=0)
+        vis = vis | (img & (((word >> (kb % 32)) & 1) != 0))
     return vis
 
 
 @triton.jit
-def _bs_fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, QHI, KPOS,
-                   sm_scale, r2,
+def _bs_fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, QHI, KPOS, SEL,
+                   sm_scale, r2, s_tab, s_cnt, s_sel, SEL_W,
                    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
                    H, SQ, MAXK, D,
                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, NDIM: tl.constexpr,
@@ -82,10 +97,10 @@ def _bs_fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, 
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    cnt = tl.load(KV_CNT + pid_m)
+    cnt = tl.load(KV_CNT + pid_bh * s_cnt + pid_m)
     for j in range(0, cnt):
-        kb = tl.load(KV_IDX + pid_m * MAXK + j)
-        full = tl.load(KV_FULL + pid_m * MAXK + j)
+        kb = tl.load(KV_IDX + pid_bh * s_tab + pid_m * MAXK + j)
+        full = tl.load(KV_FULL + pid_bh * s_tab + pid_m * MAXK + j)
         offs_n = kb * BLOCK + tl.arange(0, BLOCK)
         k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_ks + offs_d[None, :], mask=dmask, other=0.0)
         if UPCAST:
@@ -95,7 +110,7 @@ def _bs_fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, 
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if full == 0:
-            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, MODE, NDIM)
+            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, pid_bh * s_sel, SEL_W, MODE, NDIM)
             qk = tl.where(vis, qk, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -110,8 +125,8 @@ def _bs_fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, 
 
 
 @triton.jit
-def _bs_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT, Q_FULL, QFLAG, KFLAG, QLO, QHI, KPOS,
-                        sm_scale, r2,
+def _bs_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT, Q_FULL, QFLAG, KFLAG, QLO, QHI, KPOS, SEL,
+                        sm_scale, r2, s_tab, s_cnt, s_sel, SEL_W,
                         s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
                         H, SQ, MAXQ, D,
                         BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, NDIM: tl.constexpr,
@@ -132,10 +147,10 @@ def _bs_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT, Q_FULL, Q
     dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    cnt = tl.load(Q_CNT + pid_n)
+    cnt = tl.load(Q_CNT + pid_bh * s_cnt + pid_n)
     for i in range(0, cnt):
-        qb = tl.load(Q_IDX + pid_n * MAXQ + i)
-        full = tl.load(Q_FULL + pid_n * MAXQ + i)
+        qb = tl.load(Q_IDX + pid_bh * s_tab + pid_n * MAXQ + i)
+        full = tl.load(Q_FULL + pid_bh * s_tab + pid_n * MAXQ + i)
         offs_m = qb * BLOCK + tl.arange(0, BLOCK)
         q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :], mask=dmask, other=0.0)
         if UPCAST:
@@ -148,7 +163,7 @@ def _bs_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT, Q_FULL, Q
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.exp2(qk - lse[:, None])
         if full == 0:
-            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, MODE, NDIM)
+            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, pid_bh * s_sel, SEL_W, MODE, NDIM)
             p = tl.where(vis, p, 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -160,8 +175,8 @@ def _bs_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT, Q_FULL, Q
 
 
 @triton.jit
-def _bs_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, QHI, KPOS,
-                      sm_scale, r2,
+def _bs_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, QHI, KPOS, SEL,
+                      sm_scale, r2, s_tab, s_cnt, s_sel, SEL_W,
                       s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
                       H, SQ, MAXK, D,
                       BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, NDIM: tl.constexpr,
@@ -183,10 +198,10 @@ def _bs_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, KV_FULL, QFLA
     delta = tl.load(DELTA + pid_bh * SQ + offs_m)
     dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    cnt = tl.load(KV_CNT + pid_m)
+    cnt = tl.load(KV_CNT + pid_bh * s_cnt + pid_m)
     for j in range(0, cnt):
-        kb = tl.load(KV_IDX + pid_m * MAXK + j)
-        full = tl.load(KV_FULL + pid_m * MAXK + j)
+        kb = tl.load(KV_IDX + pid_bh * s_tab + pid_m * MAXK + j)
+        full = tl.load(KV_FULL + pid_bh * s_tab + pid_m * MAXK + j)
         offs_n = kb * BLOCK + tl.arange(0, BLOCK)
         k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_ks + offs_d[None, :], mask=dmask, other=0.0)
         if UPCAST:
@@ -197,7 +212,7 @@ def _bs_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, KV_FULL, QFLA
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.exp2(qk - lse[:, None])
         if full == 0:
-            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, MODE, NDIM)
+            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, pid_bh * s_sel, SEL_W, MODE, NDIM)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -307,6 +322,86 @@ def _default_block(device):
 
 
 # ---------------------------------------------------------------------------------------------
+# launchers shared by the static and the dynamic custom ops
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Tables:
+    """Block tables of one call: static (``*_stride == 0``) or per batch*head, plus the selection bits."""
+
+    kv_idx: torch.Tensor
+    kv_cnt: torch.Tensor
+    kv_full: torch.Tensor
+    q_idx: torch.Tensor
+    q_cnt: torch.Tensor
+    q_full: torch.Tensor
+    sel: torch.Tensor  # int32 [BH, Sq, W] for MODE_SELECT; any int32 tensor otherwise
+    kv_stride: int = 0  # per batch*head stride of kv_idx / kv_full
+    kv_cnt_stride: int = 0
+    q_stride: int = 0
+    q_cnt_stride: int = 0
+    sel_stride: int = 0
+    sel_words: int = 1
+
+    @staticmethod
+    def static(plan):
+        return _Tables(plan.kv_idx, plan.kv_cnt, plan.kv_full, plan.q_idx, plan.q_cnt, plan.q_full, plan.kv_cnt)
+
+    @staticmethod
+    def dynamic(kv_idx, kv_cnt, kv_full, q_idx, q_cnt, q_full, sel):
+        return _Tables(kv_idx, kv_cnt, kv_full, q_idx, q_cnt, q_full, sel,
+                       kv_stride=kv_idx.shape[1] * kv_idx.shape[2], kv_cnt_stride=kv_cnt.shape[1],
+                       q_stride=q_idx.shape[1] * q_idx.shape[2], q_cnt_stride=q_cnt.shape[1],
+                       sel_stride=sel.shape[1] * sel.shape[2], sel_words=sel.shape[2])
+
+
+def _run_fwd(layout, plan, tabs, q, k, v, kx, vx, scale, block):
+    qs, ks, vs = _slot_inputs(layout, plan, q, k, v, kx, vx)
+    B, SQ, H, D = qs.shape
+    o = torch.empty_like(qs)
+    lse = torch.empty((B, H, SQ), device=q.device, dtype=torch.float32)
+    _bs_fwd_kernel[(SQ // block, B * H)](
+        qs, ks, vs, o, lse, tabs.kv_idx, tabs.kv_cnt, tabs.kv_full, plan.qflag, plan.kflag, plan.qlo, plan.qhi,
+        plan.kpos, tabs.sel, scale, plan.r2, tabs.kv_stride, tabs.kv_cnt_stride, tabs.sel_stride, tabs.sel_words,
+        qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+        vs.stride(0), vs.stride(1), vs.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        H, SQ, tabs.kv_idx.shape[-1], D,
+        BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(D)), MODE=plan.mode, NDIM=plan.ndim,
+        PREC=_prec(q.dtype), UPCAST=_upcast(q.device, q.dtype), **_launch_cfg(q.device, block, D),
+    )
+    return layout.scatter(o), lse.index_select(2, layout.inv)
+
+
+def _run_bwd(layout, plan, tabs, do, q, k, v, kx, vx, o, lse, scale, block):
+    qs, ks, vs = _slot_inputs(layout, plan, q, k, v, kx, vx)
+    valid = (layout.flag != PAD_FLAG)
+    dos = (layout.gather(do) * valid[None, :, None, None]).contiguous()
+    os_ = layout.gather(o)
+    lses = torch.where(valid[None, None, :], lse.index_select(2, layout.perm), float("inf")).contiguous()
+    delta = (dos.float() * os_.float()).sum(-1).transpose(1, 2).contiguous()
+    B, SQ, H, D = qs.shape
+    dq, dk, dv = torch.empty_like(qs), torch.empty_like(ks), torch.empty_like(vs)
+    common = dict(BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(D)), MODE=plan.mode, NDIM=plan.ndim,
+                  PREC=_prec(q.dtype), UPCAST=_upcast(q.device, q.dtype), **_launch_cfg(q.device, block, D))
+    strides = (qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+               vs.stride(0), vs.stride(1), vs.stride(2), dos.stride(0), dos.stride(1), dos.stride(2))
+    meta = (plan.qflag, plan.kflag, plan.qlo, plan.qhi, plan.kpos, tabs.sel, scale, plan.r2)
+    _bs_bwd_dkdv_kernel[(ks.shape[1] // block, B * H)](
+        qs, ks, vs, dos, lses, delta, dk, dv, tabs.q_idx, tabs.q_cnt, tabs.q_full, *meta,
+        tabs.q_stride, tabs.q_cnt_stride, tabs.sel_stride, tabs.sel_words,
+        *strides, H, SQ, tabs.q_idx.shape[-1], D, **common)
+    _bs_bwd_dq_kernel[(SQ // block, B * H)](
+        qs, ks, vs, dos, lses, delta, dq, tabs.kv_idx, tabs.kv_cnt, tabs.kv_full, *meta,
+        tabs.kv_stride, tabs.kv_cnt_stride, tabs.sel_stride, tabs.sel_words,
+        *strides, H, SQ, tabs.kv_idx.shape[-1], D, **common)
+    n = layout.num_slots
+    grads = [layout.scatter(dq), layout.scatter(dk[:, :n]), layout.scatter(dv[:, :n])]
+    if kx is not None:
+        grads += [dk[:, n:n + kx.shape[1]], dv[:, n:n + kx.shape[1]]]
+    return grads
+
+
+# ---------------------------------------------------------------------------------------------
 # torch custom ops: one opaque node each for torch.compile (static shapes: token order in and out)
 # ---------------------------------------------------------------------------------------------
 
@@ -315,20 +410,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kx: Optio
                     vx: Optional[torch.Tensor], pattern: str, ints: List[int], floats: List[float], scale: float,
                     block: int) -> Tuple[torch.Tensor, torch.Tensor]:
     layout, plan = get_plan(pattern, ints, floats, block, q.device)
-    qs, ks, vs = _slot_inputs(layout, plan, q, k, v, kx, vx)
-    B, SQ, H, D = qs.shape
-    o = torch.empty_like(qs)
-    lse = torch.empty((B, H, SQ), device=q.device, dtype=torch.float32)
-    _bs_fwd_kernel[(SQ // block, B * H)](
-        qs, ks, vs, o, lse, plan.kv_idx, plan.kv_cnt, plan.kv_full, plan.qflag, plan.kflag, plan.qlo, plan.qhi,
-        plan.kpos, scale, plan.r2,
-        qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-        vs.stride(0), vs.stride(1), vs.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        H, SQ, plan.kv_idx.shape[1], D,
-        BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(D)), MODE=plan.mode, NDIM=plan.ndim,
-        PREC=_prec(q.dtype), UPCAST=_upcast(q.device, q.dtype), **_launch_cfg(q.device, block, D),
-    )
-    return layout.scatter(o), lse.index_select(2, layout.inv)
+    return _run_fwd(layout, plan, _Tables.static(plan), q, k, v, kx, vx, scale, block)
 
 
 @sparse_attn_fwd.register_fake
@@ -342,30 +424,7 @@ def sparse_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                     vx: Optional[torch.Tensor], o: torch.Tensor, lse: torch.Tensor, pattern: str, ints: List[int],
                     floats: List[float], scale: float, block: int) -> List[torch.Tensor]:
     layout, plan = get_plan(pattern, ints, floats, block, q.device)
-    qs, ks, vs = _slot_inputs(layout, plan, q, k, v, kx, vx)
-    valid = (layout.flag != PAD_FLAG)
-    dos = (layout.gather(do) * valid[None, :, None, None]).contiguous()
-    os_ = layout.gather(o)
-    lses = torch.where(valid[None, None, :], lse.index_select(2, layout.perm), float("inf")).contiguous()
-    delta = (dos.float() * os_.float()).sum(-1).transpose(1, 2).contiguous()
-    B, SQ, H, D = qs.shape
-    dq, dk, dv = torch.empty_like(qs), torch.empty_like(ks), torch.empty_like(vs)
-    common = dict(BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(D)), MODE=plan.mode, NDIM=plan.ndim,
-                  PREC=_prec(q.dtype), UPCAST=_upcast(q.device, q.dtype), **_launch_cfg(q.device, block, D))
-    strides = (qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-               vs.stride(0), vs.stride(1), vs.stride(2), dos.stride(0), dos.stride(1), dos.stride(2))
-    meta = (plan.qflag, plan.kflag, plan.qlo, plan.qhi, plan.kpos, scale, plan.r2)
-    _bs_bwd_dkdv_kernel[(ks.shape[1] // block, B * H)](
-        qs, ks, vs, dos, lses, delta, dk, dv, plan.q_idx, plan.q_cnt, plan.q_full, *meta,
-        *strides, H, SQ, plan.q_idx.shape[1], D, **common)
-    _bs_bwd_dq_kernel[(SQ // block, B * H)](
-        qs, ks, vs, dos, lses, delta, dq, plan.kv_idx, plan.kv_cnt, plan.kv_full, *meta,
-        *strides, H, SQ, plan.kv_idx.shape[1], D, **common)
-    n = layout.num_slots
-    grads = [layout.scatter(dq), layout.scatter(dk[:, :n]), layout.scatter(dv[:, :n])]
-    if kx is not None:
-        grads += [dk[:, n:n + kx.shape[1]], dv[:, n:n + kx.shape[1]]]
-    return grads
+    return _run_bwd(layout, plan, _Tables.static(plan), do, q, k, v, kx, vx, o, lse, scale, block)
 
 
 @sparse_attn_bwd.register_fake
@@ -407,3 +466,90 @@ def sparse_attention(q, k, v, pattern, ints, floats=(), scale=None, kx=None, vx=
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# dynamic (data-dependent) block tables: one table per batch*head, computed on every call
+# ---------------------------------------------------------------------------------------------
+
+def dynamic_tables(visit, full):
+    """Per batch*head block tables from block-level bool matrices ``visit``/``full`` ``[BH, nQ, nK]``
+    (on the device): ``(kv_idx, kv_cnt, kv_full, q_idx, q_cnt, q_full)``, int32, rows padded to the
+    widest row over every batch*head (one host synchronisation)."""
+
+    def rows(mat, fl):
+        cnt = mat.sum(-1, dtype=torch.int32)
+        width = max(int(cnt.max()) if cnt.numel() else 0, 1)
+        order = torch.argsort((~mat).to(torch.int8), dim=-1, stable=True)[..., :width]
+        live = torch.arange(width, device=mat.device) < cnt[..., None]
+        fl_rows = torch.gather(fl, -1, order) & live
+        return order.to(torch.int32).contiguous(), cnt.contiguous(), fl_rows.to(torch.int32).contiguous()
+
+    full = full & visit
+    return rows(visit, full) + rows(visit.transpose(1, 2), full.transpose(1, 2))
+
+
+@torch.library.custom_op("diffaccel::sparse_attn_dyn_fwd", mutates_args=())
+def sparse_attn_dyn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor,
+                        kv_cnt: torch.Tensor, kv_full: torch.Tensor, q_idx: torch.Tensor, q_cnt: torch.Tensor,
+                        q_full: torch.Tensor, sel: torch.Tensor, pattern: str, ints: List[int], floats: List[float],
+                        scale: float, block: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    layout, plan = get_plan(pattern, ints, floats, block, q.device)
+    tabs = _Tables.dynamic(kv_idx, kv_cnt, kv_full, q_idx, q_cnt, q_full, sel)
+    return _run_fwd(layout, plan, tabs, q, k, v, None, None, scale, block)
+
+
+@sparse_attn_dyn_fwd.register_fake
+def _(q, k, v, kv_idx, kv_cnt, kv_full, q_idx, q_cnt, q_full, sel, pattern, ints, floats, scale, block):
+    B, S, H, D = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, S), dtype=torch.float32)
+
+
+@torch.library.custom_op("diffaccel::sparse_attn_dyn_bwd", mutates_args=())
+def sparse_attn_dyn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                        lse: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor, kv_full: torch.Tensor,
+                        q_idx: torch.Tensor, q_cnt: torch.Tensor, q_full: torch.Tensor, sel: torch.Tensor,
+                        pattern: str, ints: List[int], floats: List[float], scale: float,
+                        block: int) -> List[torch.Tensor]:
+    layout, plan = get_plan(pattern, ints, floats, block, q.device)
+    tabs = _Tables.dynamic(kv_idx, kv_cnt, kv_full, q_idx, q_cnt, q_full, sel)
+    return _run_bwd(layout, plan, tabs, do, q, k, v, None, None, o, lse, scale, block)
+
+
+@sparse_attn_dyn_bwd.register_fake
+def _(do, q, k, v, o, lse, kv_idx, kv_cnt, kv_full, q_idx, q_cnt, q_full, sel, pattern, ints, floats, scale, block):
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
+
+
+def _dyn_setup_context(ctx, inputs, output):
+    q, k, v, *tables = inputs[:10]
+    ctx.save_for_backward(q, k, v, output[0], output[1], *tables)
+    ctx.args = inputs[10:]
+
+
+def _dyn_backward(ctx, do, dlse):
+    q, k, v, o, lse, *tables = ctx.saved_tensors
+    dq, dk, dv = sparse_attn_dyn_bwd(do, q, k, v, o, lse, *tables, *ctx.args)
+    return (dq, dk, dv) + (None,) * 12
+
+
+sparse_attn_dyn_fwd.register_autograd(_dyn_backward, setup_context=_dyn_setup_context)
+
+
+def sparse_attention_dynamic(q, k, v, pattern, ints, tables, sel, floats=(), scale=None, block=None):
+    """Block-sparse attention with data-dependent block tables, one per batch*head.
+
+    ``pattern``/``ints``/``floats`` name a registered planner that gives the slot
+    layout and the static slot metadata (its own block tables are not used);
+    ``tables`` is ``dynamic_tables(visit, full)`` for ``visit``/``full``
+    ``[B*H, n_blocks, n_blocks]`` (batch-major: row ``b * H + h``); ``sel`` the
+    int32 selection bits ``[B*H, slots, words]`` read by ``MODE_SELECT`` on
+    partial blocks (any int32 tensor ``[B*H, 1, 1]`` for other modes).
+    Differentiable in q, k, v (Triton backward); one custom op under torch.compile.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    block = int(block or _default_block(q.device))
+    B, _, H, _ = q.shape
+    if any(t.shape[0] != B * H for t in tables) or sel.shape[0] != B * H:
+        raise ValueError(f"dynamic tables must have B*H = {B * H} rows")
+    out, _ = sparse_attn_dyn_fwd(q, k, v, *tables, sel, pattern, [int(i) for i in ints],
+                                 [float(f) for f in floats], scale, block)
+    return out

@@ -13,7 +13,8 @@ import math
 
 from ._validate import check_qkv, check_scale, check_tokens, normalize_grid, per_axis, resolve_backend
 
-__all__ = ["linear_attention", "local_attention", "neighborhood_attention", "neighborhood_params"]
+__all__ = ["linear_attention", "local_attention", "moba_attention", "moba_params", "neighborhood_attention",
+           "neighborhood_params"]
 
 
 def neighborhood_params(grid, kernel_size, dilation=1, stride=1):
@@ -198,3 +199,85 @@ def local_attention(q, k, v, grid, radius, *, text_len=0, text_first=True, down_
     from .kernels.local_torch import local_torch
 
     return local_torch(*args)
+
+
+MOBA_SELECTIONS = ("query", "tile", "head")
+
+
+def moba_params(grid, block, topk=None, threshold=None, selection="query"):
+    """Validate and normalise mixture-of-block-attention parameters for ``grid``.
+
+    Returns ``(grid, block, topk, threshold, selection)`` with ``grid``/``block`` as tuples (one
+    entry per axis, a block larger than its axis clamped to the axis), exactly one of
+    ``topk`` (int) / ``threshold`` (float) set.
+    """
+    grid = normalize_grid(grid)
+    block = per_axis("block", block, len(grid))
+    block = tuple(min(b, n) for b, n in zip(block, grid))
+    if (topk is None) == (threshold is None):
+        raise ValueError(f"give exactly one of topk or threshold, got topk={topk!r}, threshold={threshold!r}")
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        raise ValueError(f"topk must be a positive int (the number of blocks per query, own block included), "
+                         f"got {topk!r}")
+    if threshold is not None:
+        if (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
+                or not 0 <= threshold <= 1):
+            raise ValueError(f"threshold must be a number in [0, 1] (fraction of the normalised gate mass), "
+                             f"got {threshold!r}")
+        threshold = float(threshold)
+    if selection not in MOBA_SELECTIONS:
+        raise ValueError(f"selection must be one of {MOBA_SELECTIONS}, got {selection!r}")
+    return grid, block, topk, threshold, selection
+
+
+def moba_attention(q, k, v, grid, block, *, topk=None, threshold=None, selection="query", text_len=0,
+                   text_first=True, scale=None, backend=None):
+    """Mixture of block attention (MoBA; VMoBA's 1D/2D/3D partitions for video).
+
+    The image/video tokens are cut into blocks of ``block`` tokens per axis; every query scores
+    every block by its dot product with the block's mean key (fp32), keeps its own block plus the
+    best others, and attends to the tokens of the chosen blocks only.  See
+    ``diffaccel.kernels.moba_ref`` for the exact rules.
+
+    Args:
+        q, k, v: ``[B, S, H, D]`` with ``S = text_len + prod(grid)``.
+        grid: ``(L,)``, ``(H, W)`` or ``(T, H, W)``: image/video tokens in row-major order.
+        block: an int (every axis) or one size per axis; border blocks may be partial and a size
+            larger than its axis covers the axis.  For a ``(T, H, W)`` video: temporal (1D)
+            blocks ``(bt, H, W)``, spatial (2D) ``(1, bh, bw)`` (VMoBA's 2D blocks span every frame:
+            ``(T, bh, bw)``), spatio-temporal (3D) ``(bt, bh, bw)``.
+        topk: keep the own block plus the ``topk - 1`` best other blocks (``topk`` >= number of
+            blocks: dense).
+        threshold: VMoBA's rule: scores min-max normalised across blocks; the own block plus the
+            fewest best other blocks (at least one) reaching ``threshold`` of the normalised total.
+            Exactly one of ``topk`` / ``threshold``.
+        selection: ``"query"`` (per query token and head: MoBA's rule), ``"tile"`` (per query block
+            and head, scored with the block's mean query: coarser and faster) or ``"head"``
+            (VMoBA's per-head global selection over all (query, block) pairs of a head).
+        text_len, text_first: text tokens before (FLUX) or after (SD3) the grid; text queries see
+            every key, image queries every text key plus their selected blocks.  The gate covers
+            image blocks only.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        backend: ``"triton"`` (block-sparse Triton core; CUDA, or CPU with ``TRITON_INTERPRET=1``),
+            ``"torch"`` (portable eager code) or ``None`` (Triton on CUDA, else torch).
+
+    Differentiable in q, k, v on both backends; no gradient flows through the selection (as in MoBA).
+    """
+    check_qkv(q, k, v)
+    grid, block, topk, threshold, selection = moba_params(grid, block, topk, threshold, selection)
+    check_tokens(q, grid, text_len)
+    if not isinstance(text_first, bool):
+        raise ValueError(f"text_first must be a bool, got {text_first!r}")
+    scale = check_scale(scale, q.shape[-1])
+    backend = resolve_backend(backend, q.device, supported=("triton", "torch"))
+    if q.numel() == 0:
+        return q * 0.0  # no tokens or no batch: empty, still attached to the graph
+    args = (q, k, v, grid, block, topk, threshold, selection, text_len, text_first, scale)
+    if backend == "triton":
+        from .kernels.moba_triton import moba_triton
+
+        return moba_triton(*args)
+    from .kernels.moba_torch import moba_torch
+
+    return moba_torch(*args)
+

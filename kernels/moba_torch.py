@@ -1,0 +1,159 @@
+"""Mixture of block attention in portable eager PyTorch (any device, differentiable in q, k, v).
+
+Block-major evaluation, as MoBA's own varlen formulation.  After the selection (``moba_ref``):
+
+1. the selected (query, block) pairs are listed query-major (``nonzero``) and ranked inside their
+   block, so that every (batch, head, block) gets the queries that selected it, padded to the
+   largest such group;
+2. every group attends to its block's keys only (one batched attention that also returns the
+   log-sum-exp: PyTorch's fused CPU flash kernel when no gradient is needed, else plain matmuls);
+3. the pairs of every query, plus one dense pair over the text keys, are merged with a softmax
+   over their log-sum-exps.
+
+The work is the selected pairs only; memory is bounded by processing heads in chunks, and
+nothing of size ``S x S`` is materialised.  Text queries attend densely to every key.
+"""
+from __future__ import annotations
+
+import torch
+
+from .moba_ref import block_partition, image_slices, select_blocks
+
+# elements of the largest intermediate (attention scores of one chunk of heads)
+_BUDGET = {"cpu": 1 << 25, "cuda": 1 << 28}
+_ROUND = 64  # group sizes are padded to a multiple of this
+
+
+def _budget(device):
+    return _BUDGET.get(torch.device(device).type, 1 << 26)
+
+
+def _dense(q, k, v, scale):
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           scale=scale)
+    return out.transpose(1, 2)
+
+
+def _flash_cpu():
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attend(q, k, v, bias, scale, need_grad):
+    """Attention of ``q`` ``[G, W, D]`` to ``k``/``v`` ``[G, M, D]`` with an additive ``bias``
+    (``[G, 1, M]`` or None): returns ``(out [G, W, D], lse [G, W])``, fp32."""
+    op = _flash_cpu()
+    if not need_grad and q.device.type == "cpu" and op is not None:
+        mask = None if bias is None else bias[:, None]
+        o, lse = op(q[:, None], k[:, None], v[:, None], scale=scale, attn_mask=mask)
+        return o[:, 0].float(), lse[:, 0].float()
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if bias is not None:
+        s = s + bias
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    o = torch.matmul(torch.exp(s - lse).to(v.dtype), v).float()
+    return o, lse.squeeze(-1)
+
+
+def _image_chunk(sel, q, kb, vb, kt, vt, part, scale, need_grad):
+    """Attention of the image queries of a few heads.
+
+    ``sel``: ``[BH, N, C]`` bool; ``q``: ``[BH, N, D]``; ``kb``/``vb``: blocks ``[BH * C, M, D]``;
+    ``kt``/``vt``: text keys ``[BH, T, D]`` or None.  Returns fp32 ``[BH, N, D]``.
+    """
+    BH, N, D = q.shape
+    C, M = part.members.shape
+    dev = q.device
+    # 1. pairs, block-major: (bh, c, n) grouped by (batch*head, block), queries ascending
+    selT = sel.transpose(1, 2).contiguous()
+    bh, c, n = selT.nonzero().unbind(1)
+    group = bh * C + c
+    g_cnt = selT.sum(-1).flatten()  # [BH * C]
+    g_start = torch.cumsum(g_cnt, 0) - g_cnt
+    rank = torch.arange(group.numel(), device=dev) - g_start[group]
+    # every group gets a run of rows of the buffer, padded to a multiple of _ROUND; groups of one
+    # padded width are attended in one batched call
+    g_width = (g_cnt + _ROUND - 1) // _ROUND * _ROUND
+    widths = sorted(set(g_width.tolist()) - {0})
+    order = torch.argsort(g_width, stable=True)  # groups by padded width
+    run = g_width[order]
+    run_start = torch.empty_like(g_width)
+    run_start[order] = torch.cumsum(run, 0) - run
+    slot = run_start[group] + rank  # row of every pair in the buffer
+    rows = int(g_width.sum())
+    qrow = torch.zeros(rows, dtype=torch.int64, device=dev)
+    qrow[slot] = bh * N + n
+    qbuf = q.reshape(BH * N, D).index_select(0, qrow)
+    bias_all = None
+    if not part.uniform:
+        bias_all = torch.zeros(C, 1, M, device=dev).masked_fill(~part.valid[:, None, :], float("-inf"))
+    o_parts, lse_parts = [], []
+    n_groups = torch.bincount(torch.searchsorted(torch.tensor(widths, device=dev), g_width[order]),
+                              minlength=len(widths)).tolist() if widths else []
+    first = int((g_width == 0).sum())  # groups nobody selected sort first
+    offset = 0
+    for w, ng in zip(widths, n_groups):
+        gsel = order[first:first + ng]
+        first += ng
+        qg = qbuf[offset:offset + ng * w].view(ng, w, D)
+        offset += ng * w
+        bias = None if bias_all is None else bias_all.index_select(0, gsel % C)
+        o, lse = _attend(qg, kb.index_select(0, gsel), vb.index_select(0, gsel), bias, scale, need_grad)
+        o_parts.append(o.reshape(-1, D))
+        lse_parts.append(lse.reshape(-1))
+    o = torch.cat(o_parts) if len(o_parts) > 1 else o_parts[0]
+    lse = torch.cat(lse_parts) if len(lse_parts) > 1 else lse_parts[0]
+    # 2. merge the pairs of every query (and its text pair) by their log-sum-exp, query-major
+    q_cnt = sel.sum(-1).flatten()  # [BH * N]
+    kmax = int(q_cnt.max())
+    query = bh * N + n
+    q_rank = (torch.cumsum(sel, dim=-1, dtype=torch.int32) - 1).flatten()[query * C + c].to(torch.int64)
+    idx = torch.zeros(BH * N * kmax, dtype=torch.int64, device=dev)
+    idx[query * kmax + q_rank] = slot
+    o_q = o.index_select(0, idx).view(BH * N, kmax, D)
+    lse_q = lse.index_select(0, idx).view(BH * N, kmax)
+    if kmax * BH * N != query.numel():  # queries with fewer pairs: mask the padding
+        lse_q = lse_q.masked_fill(torch.arange(kmax, device=dev) >= q_cnt[:, None], float("-inf"))
+    if kt is not None:
+        ot, lse_t = _attend(q, kt, vt, None, scale, need_grad)
+        o_q = torch.cat([o_q, ot.reshape(BH * N, 1, D)], dim=1)
+        lse_q = torch.cat([lse_q, lse_t.reshape(BH * N, 1)], dim=1)
+    w = torch.softmax(lse_q, dim=-1)
+    return torch.bmm(w.unsqueeze(1), o_q).view(BH, N, D)
+
+
+def moba_torch(q, k, v, grid, block, topk, threshold, selection, text_len, text_first, scale):
+    """Mixture of block attention (validated arguments, see ``diffaccel.ops.moba_attention``)."""
+    B, S, H, D = q.shape
+    part = block_partition(grid, block, q.device)
+    N, (C, M) = part.n_tokens, part.members.shape
+    img, txt = image_slices(N, text_len, text_first)
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    cdt = q.dtype if q.device.type == "cuda" else torch.float32
+    q_img, k_img, v_img = q[:, img], k[:, img], v[:, img]
+
+    budget = _budget(q.device)
+    # heads per chunk: bounded by the gate [B, h, N, C] and by the scores of ~ the selected pairs
+    if topk is not None and selection != "head":
+        per_head = B * N * max(C, min(topk, C) * M)
+    else:
+        per_head = B * N * C * max(M // 2, 1)
+    chunk = max(1, min(H, budget // max(per_head, 1)))
+    outs = []
+    for h0 in range(0, H, chunk):
+        h1 = min(H, h0 + chunk)
+        sel = select_blocks(q_img[:, :, h0:h1], k_img[:, :, h0:h1], part, topk, threshold, selection)
+        h = h1 - h0
+        qh = q_img[:, :, h0:h1].transpose(1, 2).to(cdt).reshape(B * h, N, D)
+        members = part.members.flatten()
+        kb = k_img[:, :, h0:h1].transpose(1, 2).to(cdt).reshape(B * h, N, D).index_select(1, members)
+        vb = v_img[:, :, h0:h1].transpose(1, 2).to(cdt).reshape(B * h, N, D).index_select(1, members)
+        kt = k[:, txt, h0:h1].transpose(1, 2).to(cdt).reshape(B * h, text_len, D) if text_len else None
+        vt = v[:, txt, h0:h1].transpose(1, 2).to(cdt).reshape(B * h, text_len, D) if text_len else None
+        out = _image_chunk(sel.reshape(B * h, N, C), qh, kb.view(B * h * C, M, D), vb.view(B * h * C, M, D),
+                           kt, vt, part, scale, need_grad)
+        outs.append(out.view(B, h, N, D))
+    out_img = torch.cat(outs, dim=1).transpose(1, 2).to(q.dtype)  # [B, N, H, D]
+    if not text_len:
+        return out_img
+    out_txt = _dense(q[:, txt], k, v, scale).to(q.dtype)
+    return torch.cat([out_txt, out_img] if text_first else [out_img, out_txt], dim=1)

@@ -1,0 +1,163 @@
+"""Mixture of block attention on the block-sparse Triton core (``blocksparse.py``).
+
+Slot layout (static, cached per geometry): every MoBA block occupies its own run of
+``ceil(size / BLOCK)`` kernel blocks (its tokens row-major inside the block, the last kernel block
+padded), MoBA blocks in row-major block order, then the text tokens.  So every kernel key block
+belongs to exactly one MoBA block, and every query tile to one own block.
+
+Per call (data-dependent, per batch*head): the gate and selection (``moba_ref.select_blocks``,
+torch ops, no gradient), then for every query tile the union of its queries' selected MoBA
+blocks (kernel key blocks to visit) and their intersection (blocks every query selected: no
+element mask when the key block has no padding); text key blocks are visited by every tile, text
+query tiles visit everything.  The element test on partial entries (``MODE_SELECT``) reads a
+compact bit table ``[B*H, slots, ceil(n_blocks / 32)]`` int32: bit ``c`` of a query slot's row says
+whether that query selected MoBA block ``c``.  Forward and backward are the core's kernels.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .blocksparse import MODE_SELECT, BlockPlan, dynamic_tables, register_planner, sparse_attention_dynamic
+from .moba_ref import block_partition, image_slices, select_blocks
+from .tiling import _BIG, IMAGE, PAD, TEXT, TileLayout
+
+# elements of the per-query selection [B, heads, N, n_blocks] handled at once
+_SEL_BUDGET = 1 << 26
+
+
+def kernel_block(block, device):
+    """Kernel block (slots per tile): 16 on CPU (the interpreter); on CUDA the MoBA block size
+    rounded up to a power of two, between 16 and 128."""
+    if torch.device(device).type != "cuda":
+        return 16
+    return max(16, min(128, 1 << max(0, (math.prod(block) - 1).bit_length())))
+
+
+def pack_bits(sel):
+    """bool ``[..., C]`` -> int32 ``[..., ceil(C / 32)]``: bit ``c % 32`` of word ``c // 32`` is ``sel[..., c]``."""
+    *lead, C = sel.shape
+    W = (C + 31) // 32
+    x = torch.zeros(*lead, W * 32, dtype=torch.int32, device=sel.device)
+    x[..., :C] = sel
+    weights = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32, device=sel.device)
+    return (x.view(*lead, W, 32) * weights).sum(-1, dtype=torch.int32)
+
+
+@dataclass
+class MobaGeometry:
+    """Static slot layout of one (grid, block, text) geometry and what the per-call tables need."""
+
+    layout: TileLayout
+    plan: BlockPlan
+    n_img_kb: int  # image kernel blocks
+    kb_mb: torch.Tensor  # [n_img_kb] int64: MoBA block of every image kernel block
+    slot_token: torch.Tensor  # [n_img_kb * BLOCK] int64: image token of every image slot (pads: 0)
+    slot_valid: torch.Tensor  # [n_img_kb * BLOCK] bool
+
+
+@functools.lru_cache(maxsize=64)
+def moba_geometry(grid, block, text_len, text_first, kblock, device):
+    nd = len(grid)
+    part = block_partition(grid, block, "cpu")
+    C, width = part.members.shape
+    N = part.n_tokens
+    nkb = (part.sizes + kblock - 1) // kblock
+    kb_start = torch.cumsum(nkb, 0) - nkb
+    n_img = int(nkb.sum())
+    slot_of = kb_start[:, None] * kblock + torch.arange(width)[None, :]
+    slot_token = torch.zeros(n_img * kblock, dtype=torch.int64)
+    slot_valid = torch.zeros(n_img * kblock, dtype=torch.bool)
+    slot_token[slot_of[part.valid]] = part.members[part.valid]
+    slot_valid[slot_of[part.valid]] = True
+    kb_mb = torch.repeat_interleave(torch.arange(C), nkb)
+    n_txt = (text_len + kblock - 1) // kblock
+    n_slots = (n_img + n_txt) * kblock
+    img_off = text_len if text_first else 0
+    txt_off = 0 if text_first else N
+    tpos = torch.arange(n_txt * kblock)
+    tvalid = tpos < text_len
+    perm = torch.cat([torch.where(slot_valid, img_off + slot_token, 0), torch.where(tvalid, txt_off + tpos, 0)])
+    flag = torch.cat([torch.where(slot_valid, IMAGE, PAD), torch.where(tvalid, TEXT, PAD)]).to(torch.int32)
+    live = flag != PAD
+    inv = torch.empty(N + text_len, dtype=torch.int64)
+    inv[perm[live]] = torch.nonzero(live).squeeze(1)
+    # kpos[:, 0]: MoBA block of every image key slot (-1 elsewhere), read by MODE_SELECT
+    kpos = torch.full((n_slots, 3), -1, dtype=torch.int32)
+    kpos[:n_img * kblock, 0] = torch.where(slot_valid, kb_mb.repeat_interleave(kblock), -1).to(torch.int32)
+    # real grid coordinates of image slots (for inspection; the kernels do not read them)
+    strides = [math.prod(grid[a + 1:]) for a in range(nd)]
+    real = torch.full((n_slots, 3), _BIG, dtype=torch.int64)
+    for a in range(nd):
+        real[:n_img * kblock, a] = torch.where(slot_valid, slot_token // strides[a] % grid[a], _BIG)
+    rb = real[:n_img * kblock, :nd].reshape(n_img, kblock, nd)
+    vb = slot_valid.reshape(n_img, kblock, 1)
+    dev = torch.device(device)
+    layout = TileLayout(
+        grid=tuple(grid), dilation=(1,) * nd, tile=tuple(block), block=kblock, text_len=text_len,
+        text_first=text_first, perm=perm.to(dev), inv=inv.to(dev), flag=flag.to(dev),
+        coords=real.to(torch.int32).to(dev), real=real.to(torch.int32).to(dev), n_img_blocks=n_img,
+        n_text_blocks=n_txt, blk_sub=torch.zeros(n_img, dtype=torch.int64),
+        blk_lo=torch.where(vb, rb, _BIG).amin(1), blk_hi=torch.where(vb, rb, -_BIG).amax(1),
+        blk_dense=live.reshape(-1, kblock).all(1).to(dev),
+    )
+    dummy = torch.zeros(1, 1, dtype=torch.int32, device=dev)
+    kpos = kpos.to(dev)
+    plan = BlockPlan(dummy, dummy[0], dummy, dummy, dummy[0], dummy, qflag=layout.flag, kflag=layout.flag,
+                     qlo=kpos, qhi=kpos, kpos=kpos, mode=MODE_SELECT, ndim=nd, block=kblock)
+    return MobaGeometry(layout, plan, n_img, kb_mb.to(dev), slot_token.to(dev), slot_valid.to(dev))
+
+
+def _encode(grid, block, text_len, text_first):
+    return [len(grid), *grid, *block, int(text_len), int(text_first)]
+
+
+@register_planner("moba")
+def moba_plan(ints, floats, block, device):
+    nd = ints[0]
+    grid, bs = tuple(ints[1:1 + nd]), tuple(ints[1 + nd:1 + 2 * nd])
+    geo = moba_geometry(grid, bs, ints[1 + 2 * nd], bool(ints[2 + 2 * nd]), block, device)
+    return geo.layout, geo.plan
+
+
+def moba_tables(q, k, geo, part, topk, threshold, selection):
+    """Per batch*head block tables and selection bits of one call:
+    ``(visit, full)`` bool ``[B*H, n_blocks, n_blocks]`` and bits int32 ``[B*H, slots, words]``."""
+    layout = geo.layout
+    B, _, H, _ = q.shape
+    N, C = part.n_tokens, part.n_blocks
+    nb, ni, kblock = layout.n_blocks, geo.n_img_kb, layout.block
+    img, _ = image_slices(N, layout.text_len, layout.text_first)
+    dense = layout.blk_dense
+    visit = torch.ones(B, H, nb, nb, dtype=torch.bool, device=q.device)
+    full = dense.expand(B, H, nb, nb).clone()
+    bits = torch.zeros(B, H, layout.num_slots, (C + 31) // 32, dtype=torch.int32, device=q.device)
+    valid = geo.slot_valid.view(ni, kblock, 1)
+    chunk = max(1, _SEL_BUDGET // max(B * N * C, 1))
+    for h0 in range(0, H, chunk):
+        h1 = min(H, h0 + chunk)
+        sel = select_blocks(q[:, img, h0:h1], k[:, img, h0:h1], part, topk, threshold, selection)  # [B, h, N, C]
+        per_slot = sel[:, :, geo.slot_token].view(B, h1 - h0, ni, kblock, C)
+        any_sel = (per_slot & valid).any(3)  # [B, h, ni, C]: some query of the tile selected the block
+        all_sel = (per_slot | ~valid).all(3)  # every query of the tile selected it
+        visit[:, h0:h1, :ni, :ni] = any_sel[..., geo.kb_mb]
+        full[:, h0:h1, :ni, :ni] = all_sel[..., geo.kb_mb] & dense[:ni]
+        bits[:, h0:h1, :ni * kblock] = pack_bits(sel)[:, :, geo.slot_token] * geo.slot_valid[:, None]
+    return visit.view(B * H, nb, nb), full.view(B * H, nb, nb), bits.view(B * H, layout.num_slots, -1)
+
+
+def moba_triton(q, k, v, grid, block, topk, threshold, selection, text_len, text_first, scale, kblock=None):
+    """Mixture of block attention on the Triton core (validated arguments, see ``ops.moba_attention``).
+    ``kblock``: kernel block size (default :func:`kernel_block`)."""
+    grid = tuple(grid)
+    block = tuple(min(b, n) for b, n in zip(block, grid))
+    kblock = int(kblock or kernel_block(block, q.device))
+    part = block_partition(grid, block, q.device)
+    geo = moba_geometry(grid, block, int(text_len), bool(text_first), kblock, str(q.device))
+    visit, full, bits = moba_tables(q, k, geo, part, topk, threshold, selection)
+    tables = dynamic_tables(visit, full)
+    return sparse_attention_dynamic(q, k, v, "moba", _encode(grid, block, text_len, text_first), tables, bits,
+                                    scale=scale, block=kblock)

@@ -2,3 +2,4 @@
 from . import neighborhood  # noqa: F401
 from . import linfusion  # noqa: F401
 from . import clear  # noqa: F401
+from . import moba  # noqa: F401

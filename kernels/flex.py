@@ -66,15 +66,17 @@ def _compile_on_cpu():
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_flex():
+def _compiled_flex(device_type):
     _, flex_attention = _flex_api()
-    return torch.compile(flex_attention, dynamic=False)
+    # CPU: static shapes (inductor's C++ flex template failed to build once dynamic
+    # shapes kicked in on a recompile, torch 2.13); CUDA: torch's default.
+    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
 
 
 def _flex_fn(device):
     _, flex_attention = _flex_api()
     if device.type == "cuda" or (device.type == "cpu" and _compile_on_cpu()):
-        return _compiled_flex()
+        return _compiled_flex(device.type)
     return flex_attention
 
 

@@ -37,9 +37,9 @@ __all__ = ["neighborhood_torch", "plan_tiles"]
 
 # Cost model of one tile in "logit elements": a fixed per-tile overhead of
 # SDPA's batched loop plus the tq * hk logits it computes.
-_TILE_OVERHEAD = 4096
+_TILE_OVERHEAD = 8192
 # Gathered k/v (+ mask) bytes per chunk of tiles when no gradient is needed.
-_CHUNK_BYTES = 16 * 2**20
+_CHUNK_BYTES = 32 * 2**20
 
 
 def _axis_runs(n, d, t):

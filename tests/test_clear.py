@@ -240,6 +240,48 @@ def test_bad_checkpoint_one_error_listing_every_problem_and_model_unchanged(tmp_
     assert diffaccel.api.applied_method(model) is None
 
 
+def test_checkpoint_keys_of_unpatched_layers_are_left_alone(tmp_path):
+    trained, x = _setup("flux")
+    diffaccel.apply(trained, "clear", radius=2)
+    _perturb_attention(trained)
+    ckpt = _clear_like_checkpoint(trained)
+    diffaccel.remove(trained)
+    model, _ = _setup("flux")
+    before = _params(model)
+    diffaccel.apply(model, "clear", radius=2, weights=ckpt, layers="transformer_blocks.*")
+    try:
+        after = _params(model)
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        assert changed == {k for k in ckpt if k.startswith("transformer_blocks.")}
+    finally:
+        diffaccel.remove(model)
+
+
+def test_hub_repo_id_resolves_the_release_file_name_from_the_local_cache(tmp_path, monkeypatch):
+    """weights="owner/name": hf_hub_download of clear_local_{r}[_down_{d}].safetensors (here offline,
+    from a Hub cache laid out as huggingface_hub does)."""
+    from huggingface_hub import constants
+
+    trained, x = _setup("flux")
+    diffaccel.apply(trained, "clear", radius=3, down_factor=2)
+    _perturb_attention(trained)
+    want = run(trained, x)
+    rev = "0" * 40
+    repo = tmp_path / "models--Huage001--CLEAR"
+    (repo / "snapshots" / rev).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    save_clear(trained, repo / "snapshots" / rev / "clear_local_3_down_2.safetensors")
+    diffaccel.remove(trained)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    model, _ = _setup("flux")
+    diffaccel.apply(model, "clear", radius=3, down_factor=2, weights="Huage001/CLEAR")
+    try:
+        torch.testing.assert_close(run(model, x), want, atol=1e-6, rtol=1e-6)
+    finally:
+        diffaccel.remove(model)
+
+
 def test_weights_not_found_and_offline_hub_errors(tmp_path, monkeypatch):
     model, _ = _setup("flux")
     with pytest.raises(ValueError, match="no such file"):

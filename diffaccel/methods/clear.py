@@ -302,18 +302,24 @@ def _summarise(items, limit=12):
 
 
 def check_checkpoint(meta, layers, down_factor, all_layer_names=()):
-    """Every problem of a checkpoint (``meta``: ``{key: (shape, dtype)}``) for ``layers``, as strings."""
+    """Every problem of a checkpoint (``meta``: ``{key: (shape, dtype)}``) for ``layers``, as strings.
+
+    Keys of self-attention layers that exist in the model but are not patched (``all_layer_names``
+    minus ``layers``, see ``layers=``) are left alone: not a problem, not loaded."""
     want = expected_keys(layers, down_factor)
     problems = []
     fused = [name for name, attn in layers if getattr(attn, "fused_projections", False)]
     if fused:
         problems.append(f"layers with fused QKV projections (call model.unfuse_qkv_projections() first): "
                         f"{_summarise(fused)}")
+    selected = {name for name, _ in layers}
+    other_layers = tuple(n + "." for n in all_layer_names if n not in selected)
     missing = [k for k in want if k not in meta]
-    unexpected = [k for k in meta if k not in want]
-    spatial = [k for k in unexpected if k.endswith("." + _SPATIAL)]
-    if spatial and not down_factor:
-        d = meta[spatial[0]][0][3] if len(meta[spatial[0]][0]) == 7 else "?"
+    unexpected = [k for k in meta if k not in want and not (other_layers and k.startswith(other_layers))]
+    spatial = [k for k in unexpected if k.endswith("." + _SPATIAL)] if not down_factor else []
+    if spatial:
+        shape = meta[spatial[0]][0]
+        d = shape[3] if len(shape) == 7 else "?"
         problems.append(f"the checkpoint has pooled-token weights ({len(spatial)} x spatial_weight, d={d}) but "
                         f"down_factor is None: pass down_factor={d}")
     if missing and down_factor and all(k.endswith("." + _SPATIAL) for k in missing):
@@ -321,12 +327,7 @@ def check_checkpoint(meta, layers, down_factor, all_layer_names=()):
                         "without pooled tokens (pass down_factor=None)")
     elif missing:
         problems.append(f"{len(missing)} missing key(s): {_summarise(missing)}")
-    other_layers = tuple(n + "." for n in all_layer_names if n not in {name for name, _ in layers})
-    elsewhere = [k for k in unexpected if k.startswith(other_layers)] if other_layers else []
-    if elsewhere:
-        problems.append(f"{len(elsewhere)} key(s) for attention layers that are not patched (see layers=): "
-                        f"{_summarise(elsewhere)}")
-    rest = [k for k in unexpected if k not in elsewhere and not (k in spatial and not down_factor)]
+    rest = [k for k in unexpected if k not in spatial]
     if rest:
         problems.append(f"{len(rest)} unexpected key(s): {_summarise(rest)}")
     shapes = [f"{k} {list(meta[k][0])} (expected {list(want[k][0])})" for k in want

@@ -44,7 +44,9 @@ def _attend(q, k, v, bias, scale, need_grad):
     op = _flash_cpu()
     if not need_grad and q.device.type == "cpu" and op is not None:
         mask = None if bias is None else bias[:, None]
-        o, lse = op(q[:, None], k[:, None], v[:, None], scale=scale, attn_mask=mask)
+        # the fused kernel wants unit stride on the head dim
+        o, lse = op(q.contiguous()[:, None], k.contiguous()[:, None], v.contiguous()[:, None], scale=scale,
+                    attn_mask=mask)
         return o[:, 0].float(), lse[:, 0].float()
     s = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     if bias is not None:

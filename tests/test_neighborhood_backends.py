@@ -96,6 +96,14 @@ def test_torch_plan_is_far_below_dense():
     assert plan.out_index.unique().numel() == s
 
 
+def test_torch_auto_tiles_on_a_larger_grid():
+    grid, ks, dil, st = neighborhood_params((40, 36), (7, 5), (2, 1), (1, 2))
+    assert torch_mod.plan_tiles(grid, ks, dil, st, 3, False, torch.device("cpu")).tiles > 1
+    q, k, v = _qkv(grid, 3, b=1)
+    args = (q, k, v, grid, ks, dil, st, 3, False, SCALE)
+    _check(_torch_backend()(*args), neighborhood_reference(*args), torch.float32)
+
+
 def test_torch_inference_chunks_match(monkeypatch):
     grid, ks, dil, st, text_len, text_first = _config("2d-prefix")
     q, k, v = _qkv(grid, text_len)
@@ -163,7 +171,8 @@ def test_flex_attention_with_mask_mod_generic():
 # ----------------------------------------------------------------------------- both backends
 
 
-BACKENDS = {"torch": _torch_backend((1, 2, 1)), "flex": _flex_backend(block_size=16)}
+BACKENDS = {"torch": _torch_backend((1, 2, 1)), "flex": _flex_backend(block_size=16),
+            "flex-rowmajor": _flex_backend(block_size=16, reorder=False)}
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))

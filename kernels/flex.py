@@ -8,8 +8,11 @@ Generic pieces (reusable by every pattern that can be written as a mask_mod):
 * :func:`flex_attention_with_mask_mod` runs ``[B, S, H, D]`` tensors through
   ``flex_attention`` with a ``BlockMask`` cached (small LRU) under a caller's
   hashable ``key``.  On CUDA ``flex_attention`` is compiled (once, cached); on
-  CPU it runs eagerly unless ``DIFFACCEL_FLEX_COMPILE_CPU=1`` (compiling works
-  on CPU with a C++ toolchain, but costs tens of seconds per new shape).
+  CPU it runs eagerly unless ``DIFFACCEL_FLEX_COMPILE_CPU=1``.  Eager
+  FlexAttention materialises the full ``[B, H, Sq, Skv]`` scores, so on CPU it
+  is a correctness path, not a fast one (use the "torch" backend); compiling
+  works on CPU with a C++ toolchain (static shapes), but costs tens of seconds
+  per new shape.
   FlexAttention has no backward on CPU, so when autograd needs one there
   :func:`block_sparse_attention` evaluates the same ``mask_mod`` on the same
   ``BlockMask``'s blocks with differentiable gathers and SDPA.
@@ -17,6 +20,8 @@ Generic pieces (reusable by every pattern that can be written as a mask_mod):
 A ``mask_mod(b, h, q_idx, kv_idx)`` used here must be made of broadcasting
 tensor ops (comparisons, arithmetic, indexing of captured lookup tables), as
 FlexAttention requires anyway: it is also called on broadcast index tensors.
+It must not depend on ``b`` or ``h`` (BlockMasks here broadcast over batch and
+heads), and every query should see at least one key.
 
 Neighborhood attention (:func:`neighborhood_flex`) reorders the image tokens
 so that each 128-token block is a spatial tile of one dilation group (fewer,
@@ -41,7 +46,9 @@ __all__ = [
     "BLOCK_SIZE",
     "block_sparse_attention",
     "build_block_mask",
+    "cached_block_mask",
     "flex_attention_with_mask_mod",
+    "image_tile_order",
     "neighborhood_flex",
     "neighborhood_mask_mod",
 ]

@@ -20,6 +20,7 @@ for the pooled variants (``<layer>`` e.g. ``transformer_blocks.0.attn``,
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -145,8 +146,6 @@ class ClearProcessorMixin(PatternProcessor):
 
     def __init__(self, radius, *, down_factor=None, proportional_attention=False, train_tokens=None,
                  proportional_n_factor=1.0, backend=None, grid=None, device=None, dtype=None):
-        import functools
-
         super().__init__(functools.partial(ops.local_attention, radius=float(radius), backend=backend), grid=grid)
         self.radius = float(radius)
         self.down_factor = down_factor

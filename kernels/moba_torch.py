@@ -2,18 +2,24 @@
 
 Block-major evaluation, as MoBA's own varlen formulation.  After the selection (``moba_ref``):
 
-1. the selected (query, block) pairs are listed query-major (``nonzero``) and ranked inside their
-   block, so that every (batch, head, block) gets the queries that selected it, padded to the
-   largest such group;
-2. every group attends to its block's keys only (one batched attention that also returns the
-   log-sum-exp: PyTorch's fused CPU flash kernel when no gradient is needed, else plain matmuls);
-3. the pairs of every query, plus one dense pair over the text keys, are merged with a softmax
-   over their log-sum-exps.
+1. the selected (query, block) pairs are listed block-major (``nonzero`` of the transposed
+   selection), so that every (batch*head, block) group holds the queries that selected it; groups
+   are padded to a multiple of 64 rows and groups of one padded size form one batch;
+2. every batch attends to its blocks' keys only, returning the log-sum-exp too: PyTorch's fused
+   CPU flash kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``) when no gradient is
+   needed, else plain matmuls that autograd differentiates;
+3. the pairs of every query, plus one dense pair over the text keys, are merged query-major with a
+   softmax over their log-sum-exps.
 
-The work is the selected pairs only; memory is bounded by processing heads in chunks, and
-nothing of size ``S x S`` is materialised.  Text queries attend densely to every key.
+The work is the selected pairs only (plus the gate); memory is bounded by processing heads in
+chunks, and nothing of size ``S x S`` is materialised.  Text queries attend densely to every key.
+Without autograd on CPU, the two pair-sized buffers are kept per thread between calls (fresh large
+CPU allocations cost a page fault per 4 KiB on first touch, as much as the copies themselves);
+:func:`clear_workspace` frees them.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -56,6 +62,31 @@ def _attend(q, k, v, bias, scale, need_grad):
     return o, lse.squeeze(-1)
 
 
+_WORKSPACE = threading.local()
+_WORKSPACE_MAX = 1 << 28  # bytes per cached buffer
+
+
+def _scratch(name, shape, dtype, device, cached):
+    """An uninitialised buffer.  With ``cached`` (no autograd, CPU), a per-thread buffer reused across
+    calls (see the module docstring and :func:`clear_workspace`)."""
+    numel = 1
+    for x in shape:
+        numel *= x
+    if not cached or torch.device(device).type != "cpu" or numel * dtype.itemsize > _WORKSPACE_MAX:
+        return torch.empty(shape, dtype=dtype, device=device)
+    cache = _WORKSPACE.__dict__.setdefault("buffers", {})
+    key = (name, dtype, str(device))
+    buf = cache.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = cache[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
+def clear_workspace():
+    """Free the CPU buffers the no-grad torch backend keeps between calls (this thread's)."""
+    _WORKSPACE.__dict__.pop("buffers", None)
+
+
 def _image_chunk(sel, q, kb, vb, kt, vt, part, scale, need_grad):
     """Attention of the image queries of a few heads.
 
@@ -65,6 +96,7 @@ def _image_chunk(sel, q, kb, vb, kt, vt, part, scale, need_grad):
     BH, N, D = q.shape
     C, M = part.members.shape
     dev = q.device
+    cached = not need_grad
     # 1. pairs, block-major: (bh, c, n) grouped by (batch*head, block), queries ascending
     selT = sel.transpose(1, 2).contiguous()
     bh, c, n = selT.nonzero().unbind(1)
@@ -84,41 +116,67 @@ def _image_chunk(sel, q, kb, vb, kt, vt, part, scale, need_grad):
     rows = int(g_width.sum())
     qrow = torch.zeros(rows, dtype=torch.int64, device=dev)
     qrow[slot] = bh * N + n
-    qbuf = q.reshape(BH * N, D).index_select(0, qrow)
+    if cached:
+        qbuf = torch.index_select(q.reshape(BH * N, D), 0, qrow, out=_scratch("q", (rows, D), q.dtype, dev, True))
+    else:
+        qbuf = q.reshape(BH * N, D).index_select(0, qrow)
+    # 2. where every pair goes in the query-major merge: row query * K + rank among the query's pairs
+    #    (K = the most pairs of any query, + 1 for the text pair); padding rows of the buffer go to a
+    #    spare last row
+    q_cnt = sel.sum(-1).flatten()  # [BH * N]
+    kmax = int(q_cnt.max())
+    K = kmax + (kt is not None)
+    query = bh * N + n
+    q_rank = (torch.cumsum(sel, dim=-1, dtype=torch.int32) - 1).flatten()[query * C + c].to(torch.int64)
+    dest = torch.full((rows,), BH * N * K, dtype=torch.int64, device=dev)
+    dest[slot] = query * K + q_rank
+    padded = kmax * BH * N != query.numel()  # some query has fewer pairs (threshold / head selection)
+    # 3. block-major attention, bucket by bucket
     bias_all = None
     if not part.uniform:
         bias_all = torch.zeros(C, 1, M, device=dev).masked_fill(~part.valid[:, None, :], float("-inf"))
-    o_parts, lse_parts = [], []
     n_groups = torch.bincount(torch.searchsorted(torch.tensor(widths, device=dev), g_width[order]),
                               minlength=len(widths)).tolist() if widths else []
     first = int((g_width == 0).sum())  # groups nobody selected sort first
     offset = 0
+    o_parts, lse_parts = [], []
+    if cached:
+        o_q = _scratch("o", (BH * N * K + 1, D), torch.float32, dev, True)
+        lse_q = torch.full((BH * N * K + 1,), float("-inf"), device=dev)
+        if padded:
+            o_q.zero_()
     for w, ng in zip(widths, n_groups):
         gsel = order[first:first + ng]
         first += ng
         qg = qbuf[offset:offset + ng * w].view(ng, w, D)
-        offset += ng * w
         bias = None if bias_all is None else bias_all.index_select(0, gsel % C)
         o, lse = _attend(qg, kb.index_select(0, gsel), vb.index_select(0, gsel), bias, scale, need_grad)
-        o_parts.append(o.reshape(-1, D))
-        lse_parts.append(lse.reshape(-1))
-    o = torch.cat(o_parts) if len(o_parts) > 1 else o_parts[0]
-    lse = torch.cat(lse_parts) if len(lse_parts) > 1 else lse_parts[0]
-    # 2. merge the pairs of every query (and its text pair) by their log-sum-exp, query-major
-    q_cnt = sel.sum(-1).flatten()  # [BH * N]
-    kmax = int(q_cnt.max())
-    query = bh * N + n
-    q_rank = (torch.cumsum(sel, dim=-1, dtype=torch.int32) - 1).flatten()[query * C + c].to(torch.int64)
-    idx = torch.zeros(BH * N * kmax, dtype=torch.int64, device=dev)
-    idx[query * kmax + q_rank] = slot
-    o_q = o.index_select(0, idx).view(BH * N, kmax, D)
-    lse_q = lse.index_select(0, idx).view(BH * N, kmax)
-    if kmax * BH * N != query.numel():  # queries with fewer pairs: mask the padding
-        lse_q = lse_q.masked_fill(torch.arange(kmax, device=dev) >= q_cnt[:, None], float("-inf"))
+        if cached:
+            o_q.index_copy_(0, dest[offset:offset + ng * w], o.reshape(-1, D))
+            lse_q.index_copy_(0, dest[offset:offset + ng * w], lse.reshape(-1))
+        else:
+            o_parts.append(o.reshape(-1, D))
+            lse_parts.append(lse.reshape(-1))
+        offset += ng * w
     if kt is not None:
         ot, lse_t = _attend(q, kt, vt, None, scale, need_grad)
-        o_q = torch.cat([o_q, ot.reshape(BH * N, 1, D)], dim=1)
-        lse_q = torch.cat([lse_q, lse_t.reshape(BH * N, 1)], dim=1)
+    # 4. merge the pairs of every query (and its text pair) by their log-sum-exp
+    if cached:
+        if kt is not None:
+            text_rows = torch.arange(BH * N, device=dev) * K + kmax
+            o_q.index_copy_(0, text_rows, ot.reshape(-1, D))
+            lse_q.index_copy_(0, text_rows, lse_t.reshape(-1))
+        o_q, lse_q = o_q[:-1].view(BH * N, K, D), lse_q[:-1].view(BH * N, K)
+    else:
+        o = torch.cat(o_parts)
+        lse = torch.cat(lse_parts)
+        src = torch.full((BH * N * kmax,), rows, dtype=torch.int64, device=dev)  # row `rows`: a -inf pair
+        src[query * kmax + q_rank] = slot
+        o_q = torch.cat([o, o.new_zeros(1, D)]).index_select(0, src).view(BH * N, kmax, D)
+        lse_q = torch.cat([lse, lse.new_full((1,), float("-inf"))]).index_select(0, src).view(BH * N, kmax)
+        if kt is not None:
+            o_q = torch.cat([o_q, ot.reshape(BH * N, 1, D)], dim=1)
+            lse_q = torch.cat([lse_q, lse_t.reshape(BH * N, 1)], dim=1)
     w = torch.softmax(lse_q, dim=-1)
     return torch.bmm(w.unsqueeze(1), o_q).view(BH, N, D)
 

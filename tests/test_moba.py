@@ -192,6 +192,14 @@ def test_torch_no_grad_path_and_half_precision():
         out = ops.moba_attention(q, k, v, grid, block, topk=3, text_len=3, backend="torch")
     ref = moba_reference(q, k, v, grid, block, 3, None, "query", 3, True, 16 ** -0.5)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    # the no-grad path reuses its buffers: a smaller call after a larger one, every selection mode
+    q2, k2, v2 = _qkv(1, 12 + 2, 2, 16, seed=10)
+    for selection, topk, threshold in [("query", None, 0.3), ("head", 2, None), ("tile", 2, None)]:
+        with torch.no_grad():
+            out = ops.moba_attention(q2, k2, v2, (3, 4), 2, topk=topk, threshold=threshold, selection=selection,
+                                     text_len=2, text_first=False, backend="torch")
+        ref = moba_reference(q2, k2, v2, (3, 4), (2, 2), topk, threshold, selection, 2, False)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     for dtype in (torch.float16, torch.bfloat16):
         qh, kh, vh = (t.to(dtype) for t in (q, k, v))
         out = ops.moba_attention(qh, kh, vh, grid, block, threshold=0.3, text_len=3, backend="torch")

@@ -4,7 +4,7 @@ Block-major evaluation, as MoBA's own varlen formulation.  After the selection (
 
 1. the selected (query, block) pairs are listed block-major (``nonzero`` of the transposed
    selection), so that every (batch*head, block) group holds the queries that selected it; groups
-   are padded to a multiple of 64 rows and groups of one padded size form one batch;
+   sorted by size form at most 8 batches, each padded to its largest group;
 2. every batch attends to its blocks' keys only, returning the log-sum-exp too: PyTorch's fused
    CPU flash kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``) when no gradient is
    needed, else plain matmuls that autograd differentiates;
@@ -27,7 +27,7 @@ from .moba_ref import block_partition, image_slices, select_blocks
 
 # elements of the largest intermediate (attention scores of one chunk of heads)
 _BUDGET = {"cpu": 1 << 25, "cuda": 1 << 28}
-_ROUND = 64  # group sizes are padded to a multiple of this
+_BUCKETS = 8  # batches of (padded) groups per head chunk
 
 
 def _budget(device):
@@ -104,11 +104,18 @@ def _image_chunk(sel, q, kb, vb, kt, vt, part, scale, need_grad):
     g_cnt = selT.sum(-1).flatten()  # [BH * C]
     g_start = torch.cumsum(g_cnt, 0) - g_cnt
     rank = torch.arange(group.numel(), device=dev) - g_start[group]
-    # every group gets a run of rows of the buffer, padded to a multiple of _ROUND; groups of one
-    # padded width are attended in one batched call
-    g_width = (g_cnt + _ROUND - 1) // _ROUND * _ROUND
-    widths = sorted(set(g_width.tolist()) - {0})
-    order = torch.argsort(g_width, stable=True)  # groups by padded width
+    # groups sorted by size are split into at most _BUCKETS batches of consecutive groups; every group
+    # of a batch is padded to the batch's largest (rounded up to 8) and gets that many buffer rows
+    order = torch.argsort(g_cnt, stable=True)
+    first = int((g_cnt == 0).sum())  # groups nobody selected sort first
+    n_live = g_cnt.numel() - first
+    n_buckets = min(_BUCKETS, n_live)
+    bounds = [first + n_live * i // n_buckets for i in range(n_buckets + 1)]
+    ends = torch.tensor([b - 1 for b in bounds[1:]], dtype=torch.int64, device=dev)
+    widths = ((g_cnt[order[ends]] + 7) // 8 * 8).tolist()
+    g_width = torch.zeros_like(g_cnt)
+    for i, w in enumerate(widths):
+        g_width[order[bounds[i]:bounds[i + 1]]] = w
     run = g_width[order]
     run_start = torch.empty_like(g_width)
     run_start[order] = torch.cumsum(run, 0) - run
@@ -135,9 +142,6 @@ def _image_chunk(sel, q, kb, vb, kt, vt, part, scale, need_grad):
     bias_all = None
     if not part.uniform:
         bias_all = torch.zeros(C, 1, M, device=dev).masked_fill(~part.valid[:, None, :], float("-inf"))
-    n_groups = torch.bincount(torch.searchsorted(torch.tensor(widths, device=dev), g_width[order]),
-                              minlength=len(widths)).tolist() if widths else []
-    first = int((g_width == 0).sum())  # groups nobody selected sort first
     offset = 0
     o_parts, lse_parts = [], []
     if cached:
@@ -145,9 +149,9 @@ def _image_chunk(sel, q, kb, vb, kt, vt, part, scale, need_grad):
         lse_q = torch.full((BH * N * K + 1,), float("-inf"), device=dev)
         if padded:
             o_q.zero_()
-    for w, ng in zip(widths, n_groups):
-        gsel = order[first:first + ng]
-        first += ng
+    for i, w in enumerate(widths):
+        gsel = order[bounds[i]:bounds[i + 1]]
+        ng = gsel.numel()
         qg = qbuf[offset:offset + ng * w].view(ng, w, D)
         bias = None if bias_all is None else bias_all.index_select(0, gsel % C)
         o, lse = _attend(qg, kb.index_select(0, gsel), vb.index_select(0, gsel), bias, scale, need_grad)

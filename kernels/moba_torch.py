@@ -128,15 +128,19 @@ def _image_chunk(sel, q, kb, vb, kt, vt, part, scale, need_grad):
     else:
         qbuf = q.reshape(BH * N, D).index_select(0, qrow)
     # 2. where every pair goes in the query-major merge: row query * K + rank among the query's pairs
-    #    (K = the most pairs of any query, + 1 for the text pair); padding rows of the buffer go to a
-    #    spare last row
+    #    (K = the most pairs of any query, + 1 for the text pair); padding rows of the buffer go to
+    #    spare rows past the end, one each
     q_cnt = sel.sum(-1).flatten()  # [BH * N]
     kmax = int(q_cnt.max())
     K = kmax + (kt is not None)
     query = bh * N + n
     q_rank = (torch.cumsum(sel, dim=-1, dtype=torch.int32) - 1).flatten()[query * C + c].to(torch.int64)
-    dest = torch.full((rows,), BH * N * K, dtype=torch.int64, device=dev)
+    n_pad = rows - query.numel()
+    live = torch.zeros(rows, dtype=torch.bool, device=dev)
+    live[slot] = True
+    dest = torch.empty(rows, dtype=torch.int64, device=dev)
     dest[slot] = query * K + q_rank
+    dest[~live] = BH * N * K + torch.arange(n_pad, device=dev)
     padded = kmax * BH * N != query.numel()  # some query has fewer pairs (threshold / head selection)
     # 3. block-major attention, bucket by bucket
     bias_all = None
@@ -145,8 +149,8 @@ def _image_chunk(sel, q, kb, vb, kt, vt, part, scale, need_grad):
     offset = 0
     o_parts, lse_parts = [], []
     if cached:
-        o_q = _scratch("o", (BH * N * K + 1, D), torch.float32, dev, True)
-        lse_q = torch.full((BH * N * K + 1,), float("-inf"), device=dev)
+        o_q = _scratch("o", (BH * N * K + n_pad, D), torch.float32, dev, True)
+        lse_q = torch.full((BH * N * K + n_pad,), float("-inf"), device=dev)
         if padded:
             o_q.zero_()
     for i, w in enumerate(widths):
@@ -170,7 +174,7 @@ def _image_chunk(sel, q, kb, vb, kt, vt, part, scale, need_grad):
             text_rows = torch.arange(BH * N, device=dev) * K + kmax
             o_q.index_copy_(0, text_rows, ot.reshape(-1, D))
             lse_q.index_copy_(0, text_rows, lse_t.reshape(-1))
-        o_q, lse_q = o_q[:-1].view(BH * N, K, D), lse_q[:-1].view(BH * N, K)
+        o_q, lse_q = o_q[:BH * N * K].view(BH * N, K, D), lse_q[:BH * N * K].view(BH * N, K)
     else:
         o = torch.cat(o_parts)
         lse = torch.cat(lse_parts)

@@ -110,7 +110,8 @@ def _bs_fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, 
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if full == 0:
-            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, pid_bh * s_sel, SEL_W, MODE, NDIM)
+            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, pid_bh * s_sel, SEL_W,
+                           MODE, NDIM)
             qk = tl.where(vis, qk, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -163,7 +164,8 @@ def _bs_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT, Q_FULL, Q
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.exp2(qk - lse[:, None])
         if full == 0:
-            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, pid_bh * s_sel, SEL_W, MODE, NDIM)
+            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, pid_bh * s_sel, SEL_W,
+                           MODE, NDIM)
             p = tl.where(vis, p, 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -212,7 +214,8 @@ def _bs_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, KV_FULL, QFLA
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.exp2(qk - lse[:, None])
         if full == 0:
-            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, pid_bh * s_sel, SEL_W, MODE, NDIM)
+            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, pid_bh * s_sel, SEL_W,
+                           MODE, NDIM)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])

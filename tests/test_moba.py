@@ -82,7 +82,8 @@ def _select_by_loops(q, k, grid, block, topk, threshold, selection):
             s = [[float(q[b, n, h].double() @ km) for km in kmean] for n in range(N)]
             for n in range(N):
                 out[b, h, n, ids[n]] = True
-            others = sorted(((n, c) for n in range(N) for c in range(C) if c != ids[n]), key=lambda p: -s[p[0]][p[1]])
+            others = sorted(((n, c) for n in range(N) for c in range(C) if c != ids[n]),
+                            key=lambda p: -s[p[0]][p[1]])
             if topk is not None:
                 chosen = others[:(topk - 1) * N]
             else:
@@ -104,7 +105,8 @@ def _select_by_loops(q, k, grid, block, topk, threshold, selection):
     return out
 
 
-@pytest.mark.parametrize("grid,block", [((11,), (4,)), ((5, 7), (2, 3)), ((3, 4, 5), (2, 4, 2)), ((2, 3, 5), (9, 1, 2))])
+@pytest.mark.parametrize("grid,block", [((11,), (4,)), ((5, 7), (2, 3)), ((3, 4, 5), (2, 4, 2)),
+                                        ((2, 3, 5), (9, 1, 2))])
 def test_block_partition_matches_loops(grid, block):
     part = block_partition(grid, block)
     ids, C = _blocks_by_loops(grid, block)

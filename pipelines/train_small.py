@@ -1,0 +1,383 @@
+"""Train the small pipelines of :mod:`diffaccel.pipelines.small` with flow matching on the shapes dataset.
+
+    diffaccel train-small flux --minutes 60 --output pipelines/models/small-flux --work-dir runs/small-flux
+
+Training (rectified flow, as SD3 / FLUX):
+
+* data: :class:`~diffaccel.pipelines.shapes.ShapesDataset` (video:
+  ``ShapesVideoDataset``) with ``--data-seed``; step ``i`` uses samples
+  ``i * batch ... (i + 1) * batch - 1`` (deterministic order, never repeated
+  within ``--dataset-size``, which wraps around);
+* ``sigma ~ sigmoid(N(0, 1))`` (logit-normal), ``x = (1 - sigma) x0 + sigma noise``,
+  loss ``|| predict(x, sigma) - (noise - x0) ||^2``;
+* the text encoder trains jointly; 10% of captions are replaced by ``""`` so the
+  pipelines can run classifier-free guidance;
+* AdamW, linear warm-up then constant learning rate, gradient clipping at 1,
+  an EMA of the weights (the exported pipeline holds the EMA weights).
+
+``--work-dir`` holds ``checkpoint.pt`` (model, EMA, optimiser, step: ``--resume``
+continues from it), ``log.jsonl`` and preview grids (every ``--sample-every`` steps and
+at the end; 0 = none).  The exported folder
+(``--output``) is a ``save_pretrained`` pipeline (safetensors, weights stored in
+``--save-dtype``) plus ``training.json`` with the command, the step count and the
+final loss.  Training runs on ``--device`` (CPU by default, GPU if given).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shlex
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .shapes import ShapesDataset, ShapesVideoDataset
+from .small import build_pipeline, load_small
+
+__all__ = ["train_small", "collate", "run_from_args", "SAVE_DTYPES"]
+
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def collate(dataset, indices):
+    """``(pixels [B, ...], captions)`` of ``dataset`` samples ``indices`` (wrapping around its length)."""
+    items = [dataset[int(i) % len(dataset)] for i in indices]
+    return torch.stack([it["pixels"] for it in items]), [it["caption"] for it in items]
+
+
+def _trainable(pipe):
+    return [pipe.denoiser, pipe.text_encoder]
+
+
+def _state(pipe):
+    return {"denoiser": pipe.denoiser.state_dict(), "text_encoder": pipe.text_encoder.state_dict()}
+
+
+def _load_state(pipe, state):
+    pipe.denoiser.load_state_dict(state["denoiser"])
+    pipe.text_encoder.load_state_dict(state["text_encoder"])
+
+
+@torch.no_grad()
+def _ema_update(ema_params, params, decay):
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def _sample_grid(pipe, path, prompts, steps=20, guidance=4.0):
+    """Save one sample per prompt (first frame of videos) side by side as a PNG."""
+    from PIL import Image
+
+    pipe.set_progress_bar_config(disable=True)
+    g = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=g, output_type="np")
+    arr = out.images if hasattr(out, "images") else out.frames[:, 0]
+    row = np.concatenate(list(arr), axis=1)
+    Image.fromarray(np.rint(row * 255).astype(np.uint8)).resize((row.shape[1] * 3, row.shape[0] * 3),
+                                                               Image.NEAREST).save(path)
+
+
+PREVIEW_PROMPTS = [
+    "a red circle on a blue background",
+    "a yellow square on a purple background",
+    "a white triangle on a green background",
+    "a blue star on a yellow background",
+    "a green circle and a red square on a white background",
+]
+
+
+def _continue_command(command):
+    if not command:
+        return None
+    return command if "--resume" in command.split() else command + " --resume"
+
+
+def train_small(
+    kind: str,
+    output: str,
+    work_dir: str,
+    minutes: float = 60.0,
+    max_steps: int | None = None,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    warmup: int = 200,
+    ema_decay: float = 0.999,
+    caption_dropout: float = 0.1,
+    data_seed: int = 0,
+    dataset_size: int = 1_000_000,
+    seed: int = 0,
+    threads: int | None = None,
+    device: str = "cpu",
+    resume: bool = False,
+    init_from: str | None = None,
+    save_every: int = 200,
+    log_every: int = 20,
+    sample_every: int = 500,
+    save_dtype: str = "fp16",
+    command: str | None = None,
+):
+    """Train (or continue training) a small pipeline of ``kind`` ("flux", "unet", "wan"); export its EMA weights
+    to ``output`` every ``save_every`` steps and at the end.  Stops after ``minutes`` of wall time or
+    ``max_steps`` total steps, whichever first.  Returns a summary dict."""
+    if threads:
+        torch.set_num_threads(int(threads))
+    os.makedirs(work_dir, exist_ok=True)
+    ckpt_path = os.path.join(work_dir, "checkpoint.pt")
+    torch.manual_seed(seed)
+    if init_from:
+        pipe = load_small(init_from)
+    else:
+        pipe = build_pipeline(kind, seed=seed)
+    pipe.to(device)
+    video = kind == "wan"
+    size = pipe.config.sample_size
+    if video:
+        dataset = ShapesVideoDataset(data_seed, dataset_size, size, frames=pipe.config.num_frames)
+    else:
+        dataset = ShapesDataset(data_seed, dataset_size, size)
+
+    params = [p for m in _trainable(pipe) for p in m.parameters()]
+    for m in _trainable(pipe):
+        m.train()
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+    ema = [p.detach().clone() for p in params]
+    step, elapsed_before, history = 0, 0.0, []
+    if resume and os.path.isfile(ckpt_path):
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ck["kind"] != kind:
+            raise ValueError(f"{ckpt_path} holds a {ck['kind']!r} run, not {kind!r}")
+        _load_state(pipe, ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        for e, v in zip(ema, ck["ema"]):
+            e.copy_(v)
+        step, elapsed_before = ck["step"], ck.get("elapsed", 0.0)
+        torch.set_rng_state(ck["rng"])
+        print(f"resumed {ckpt_path} at step {step} ({elapsed_before / 60:.1f} min trained)", flush=True)
+
+    gen = torch.Generator().manual_seed(seed * 1000 + step)
+    log_path = os.path.join(work_dir, "log.jsonl")
+    t0 = time.time()
+    losses = []
+
+    def save(final=False):
+        ck = dict(kind=kind, step=step, elapsed=elapsed_before + time.time() - t0, model=_state(pipe),
+                  optimizer=opt.state_dict(), ema=[e.cpu() for e in ema], rng=torch.get_rng_state())
+        tmp = ckpt_path + ".tmp"
+        torch.save(ck, tmp)
+        os.replace(tmp, ckpt_path)
+        export(final)
+
+    def export(final):
+        # the pipeline with EMA weights, stored in save_dtype
+        ema_pipe = copy.deepcopy(pipe)
+        ema_params = [p for m in _trainable(ema_pipe) for p in m.parameters()]
+        with torch.no_grad():
+            for p, e in zip(ema_params, ema):
+                p.copy_(e)
+        for m in _trainable(ema_pipe):
+            m.eval()
+        ema_pipe.to("cpu")
+        if sample_every and (final or step % sample_every == 0):
+            _sample_grid(ema_pipe, os.path.join(work_dir, f"samples_{step:06d}.png"), PREVIEW_PROMPTS)
+        ema_pipe.denoiser.to(SAVE_DTYPES[save_dtype])
+        ema_pipe.text_encoder.to(SAVE_DTYPES[save_dtype])
+        tmp = output.rstrip("/") + ".tmp"
+        if os.path.isdir(tmp):
+            import shutil
+
+            shutil.rmtree(tmp)
+        ema_pipe.save_pretrained(tmp, safe_serialization=True)
+        recent = float(np.mean(losses[-200:])) if losses else None
+        info = dict(kind=kind, steps=step, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
+                    minutes_trained=round((elapsed_before + time.time() - t0) / 60, 1), final_loss=recent,
+                    data_seed=data_seed, seed=seed, weights_dtype=save_dtype,
+                    command=command, continue_with=_continue_command(command))
+        with open(os.path.join(tmp, "training.json"), "w") as f:
+            json.dump(info, f, indent=2)
+        if os.path.isdir(output):
+            import shutil
+
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+
+    print(f"training {kind}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, batch {batch_size}, "
+          f"{minutes} min / {max_steps} steps max, threads {torch.get_num_threads()}", flush=True)
+    last = time.time()
+    while True:
+        if max_steps is not None and step >= max_steps:
+            break
+        if time.time() - t0 > minutes * 60:
+            break
+        idx = np.arange(step * batch_size, (step + 1) * batch_size)
+        x0, captions = collate(dataset, idx)
+        drop = torch.rand(len(captions), generator=gen) < caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        x0 = x0.to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=gen)).to(device)
+        s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+        xt = (1 - s) * x0 + s * noise
+        text, pooled = pipe.encode_prompt(captions, device)
+        pred = pipe.predict(xt, sigma, text, pooled)
+        loss = torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for g_ in opt.param_groups:
+            g_["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1))
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema, [p.detach() for p in params], decay)
+        step += 1
+        losses.append(loss.item())
+        if step % log_every == 0:
+            now = time.time()
+            rec = dict(step=step, loss=float(np.mean(losses[-log_every:])), sec_per_step=(now - last) / log_every,
+                       minutes=round((elapsed_before + now - t0) / 60, 2))
+            last = now
+            history.append(rec)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(json.dumps(rec), flush=True)
+        if save_every and step % save_every == 0:
+            save()
+    save(final=True)
+    summary = dict(kind=kind, steps=step, minutes=round((elapsed_before + time.time() - t0) / 60, 1),
+                   final_loss=float(np.mean(losses[-200:])) if losses else None, output=output)
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def distill_linfusion(
+    output: str,
+    work_dir: str,
+    teacher: str = "small-unet",
+    minutes: float = 30.0,
+    max_steps: int | None = None,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    warmup: int = 50,
+    data_seed: int = 0,
+    seed: int = 0,
+    threads: int | None = None,
+    device: str = "cpu",
+    save_every: int = 200,
+    log_every: int = 20,
+    command: str | None = None,
+):
+    """Distil LinFusion layers for a small UNet pipeline (``teacher``): the student is the same pipeline with
+    ``diffaccel.apply(pipe, "linfusion")`` (projections copied from the teacher, MLP branches zero-initialised);
+    only the LinFusion parameters train, to match the teacher's velocity on noisy dataset images (logit-normal
+    ``sigma``, prompts with 10% dropped, as in training).  Saves LinFusion's checkpoint format (``save_linfusion``)
+    to ``output`` with ``training.json``.  Stops after ``minutes`` or ``max_steps``."""
+    import diffaccel
+    from diffaccel.linfusion import save_linfusion
+    from diffaccel.methods.linfusion import linfusion_parameters
+
+    from .small import SmallUNetPipeline
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    os.makedirs(work_dir, exist_ok=True)
+    torch.manual_seed(seed)
+    pipe = load_small(teacher).to(device)
+    if not isinstance(pipe, SmallUNetPipeline):
+        raise ValueError(f"LinFusion distillation needs a small UNet pipeline, {teacher!r} is {type(pipe).__name__}")
+    teacher_pipe = SmallUNetPipeline(copy.deepcopy(pipe.unet), pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                                     sample_size=pipe.config.sample_size)
+    for m in (pipe.unet, pipe.text_encoder, teacher_pipe.unet):
+        m.requires_grad_(False).eval()
+    diffaccel.apply(pipe, "linfusion")
+    params = linfusion_parameters(pipe)
+    for p_ in params:
+        p_.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    dataset = ShapesDataset(data_seed + 7, 1_000_000, pipe.config.sample_size)
+    gen = torch.Generator().manual_seed(seed)
+    t0, step, losses = time.time(), 0, []
+    print(f"distilling LinFusion for {teacher}: {sum(p_.numel() for p_ in params) / 1e6:.2f}M parameters",
+          flush=True)
+
+    def save():
+        save_linfusion(pipe, output, dtype=torch.float16)
+        info = dict(teacher=teacher, steps=step, batch_size=batch_size, lr=lr,
+                    minutes_trained=round((time.time() - t0) / 60, 1),
+                    final_loss=float(np.mean(losses[-100:])) if losses else None, command=command)
+        with open(os.path.join(output, "training.json"), "w") as f:
+            json.dump(info, f, indent=2)
+
+    while (max_steps is None or step < max_steps) and time.time() - t0 < minutes * 60:
+        x0, captions = collate(dataset, np.arange(step * batch_size, (step + 1) * batch_size))
+        drop = torch.rand(len(captions), generator=gen) < 0.1
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=gen))
+        s = sigma.view(-1, 1, 1, 1)
+        xt = ((1 - s) * x0 + s * noise).to(device)
+        sigma = sigma.to(device)
+        with torch.no_grad():
+            text, pooled = pipe.encode_prompt(captions, device)
+            target = teacher_pipe.predict(xt, sigma, text, pooled)
+        pred = pipe.predict(xt, sigma, text, pooled)
+        loss = torch.nn.functional.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for g_ in opt.param_groups:
+            g_["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1))
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        if step % log_every == 0:
+            rec = dict(step=step, loss=float(np.mean(losses[-log_every:])), minutes=round((time.time() - t0) / 60, 2))
+            with open(os.path.join(work_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(json.dumps(rec), flush=True)
+        if save_every and step % save_every == 0:
+            save()
+    save()
+    return dict(steps=step, final_loss=float(np.mean(losses[-100:])) if losses else None, output=output)
+
+
+def run_from_args(args):
+    from .small import MODELS_DIR
+
+    name = {"classifier": "shape-classifier", "linfusion": "small-unet-linfusion"}.get(args.kind, f"small-{args.kind}")
+    output = args.output or os.path.join(MODELS_DIR, name)
+    work_dir = args.work_dir or os.path.join("runs", name)
+    argv = list(getattr(args, "argv", None) or [])
+    if "train-small" in argv:
+        argv = argv[argv.index("train-small") + 1:]
+    command = "diffaccel train-small " + " ".join(shlex.quote(a) for a in argv) if argv else None
+    if args.kind == "linfusion":
+        return distill_linfusion(output=output, work_dir=work_dir, teacher=args.teacher, minutes=args.minutes,
+                                 max_steps=args.max_steps, batch_size=args.batch_size or 32, lr=args.lr or 1e-3,
+                                 data_seed=args.data_seed, seed=args.seed, threads=args.threads, device=args.device,
+                                 save_every=args.save_every, command=command)
+    if args.kind == "classifier":
+        from .evaluate import train_classifier
+
+        return train_classifier(output=output, work_dir=work_dir, minutes=args.minutes, max_steps=args.max_steps,
+                                batch_size=args.batch_size or 64, lr=args.lr or 2e-3, data_seed=args.data_seed, seed=args.seed,
+                                threads=args.threads, device=args.device, resume=args.resume, command=command)
+    return train_small(
+        args.kind, output, work_dir, minutes=args.minutes, max_steps=args.max_steps,
+        batch_size=args.batch_size or (12 if args.kind == "wan" else 32), lr=args.lr or 1e-3, warmup=args.warmup,
+        ema_decay=args.ema_decay, data_seed=args.data_seed, seed=args.seed, threads=args.threads,
+        device=args.device, resume=args.resume, save_every=args.save_every, sample_every=args.sample_every,
+        save_dtype=args.save_dtype, command=command,
+    )
+
+
+def main(argv=None):
+    """``python -m diffaccel.pipelines.train_small ...`` = ``diffaccel train-small ...``."""
+    from diffaccel.cli import main as cli_main
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cli_main(["train-small", *argv])
+
+
+if __name__ == "__main__":
+    main()

@@ -50,11 +50,12 @@ def _peak_memory(device) -> str:
 
 
 def _cmd_generate(args):
-    # CLI entry point: diffaccel.pipelines is imported lazily here (diffaccel itself never imports it)
+    # The CLI entry point is the one place in diffaccel/ allowed to use the pipelines layer, lazily, here.
     import time
 
     import diffaccel
-    from diffaccel.pipelines import evaluate, small
+
+    from .pipelines import evaluate, small
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,8 +98,8 @@ def _cmd_generate(args):
 
 
 def _cmd_eval(args):
-    # CLI entry point: diffaccel.pipelines is imported lazily here (diffaccel itself never imports it)
-    from diffaccel.pipelines import evaluate
+    # The CLI entry point is the one place in diffaccel/ allowed to use the pipelines layer, lazily, here.
+    from .pipelines import evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -150,8 +151,8 @@ def _add_train_small_arguments(p):
 
 
 def _cmd_train_small(args):
-    # diffaccel must not import diffaccel.pipelines at module level (layering); the CLI loads it lazily
-    from diffaccel.pipelines import train_small
+    # The CLI entry point is the one place in diffaccel/ allowed to use the pipelines layer, lazily, here.
+    from .pipelines import train_small
 
     train_small.run_from_args(args)
     return 0
@@ -206,7 +207,7 @@ def build_parser():
                                     "method on the small shapes models",
                        description="For each small model, size and method setting: the same prompts and seeds as "
                                    "full attention; PSNR and SSIM to the full-attention output, shape/colour "
-                                   "classifier accuracy and seconds per sample.  See diffaccel.pipelines.evaluate.")
+                                   "classifier accuracy and seconds per sample.  See the pipelines layer's evaluate module.")
     e.add_argument("--models", nargs="+", default=["small-flux", "small-unet", "small-wan"])
     e.add_argument("--settings", nargs="+",
                    help="method settings 'method:key=value,...' (default: a few per applicable method)")
@@ -228,7 +229,7 @@ def build_parser():
     e.set_defaults(func=_cmd_eval)
 
     t = sub.add_parser("train-small", help="train a small shapes model (flux, unet, wan) or the shape classifier",
-                       description="Train a small model of diffaccel.pipelines.small with flow matching on the "
+                       description="Train a small shapes model (FLUX, UNet or Wan architecture) with flow matching on the "
                                    "procedural shapes dataset (or the shape/colour classifier), on CPU by default.")
     _add_train_small_arguments(t)
     t.set_defaults(func=_cmd_train_small)

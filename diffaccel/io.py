@@ -123,3 +123,31 @@ def atomic_dir(folder):
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+HUB_REPO_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"
+
+
+def is_hub_repo_id(text) -> bool:
+    """Whether ``text`` looks like a Hugging Face Hub repo id (``owner/name``)."""
+    import re
+
+    return re.fullmatch(HUB_REPO_ID, str(text)) is not None
+
+
+def hub_fetch(repo_id, filename=None, allow_patterns=None):
+    """A local path for a file (``hf_hub_download``) or a snapshot folder (``snapshot_download``) of a Hub repo,
+    from the local cache when ``HF_HUB_OFFLINE`` is set.  Any failure is one ``ValueError`` saying what to do."""
+    try:
+        import huggingface_hub
+
+        if filename is not None:
+            return huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename)
+        return huggingface_hub.snapshot_download(repo_id=repo_id, allow_patterns=allow_patterns)
+    except Exception as e:  # offline, not cached, no such repo or file, network error ...
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        what = f"{filename!r} from the Hugging Face Hub repo {repo_id!r}" if filename else f"the Hugging Face Hub repo {repo_id!r}"
+        hint = " (HF_HUB_OFFLINE is set and it is not in the local Hub cache)" if offline else ""
+        cmd = f"huggingface-cli download {repo_id}" + (f" {filename}" if filename else "")
+        raise ValueError(f"could not get {what}{hint}: {type(e).__name__}: {e}. "
+                         f"Download it first ({cmd}) or pass a local path.") from e

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .io import atomic_dir
+from .io import atomic_dir, hub_fetch, is_hub_repo_id
 
 __all__ = [
     "LINFUSION_CHECKPOINTS",
@@ -318,21 +318,11 @@ def resolve_checkpoint_folder(weights):
         return path
     if os.path.exists(path):
         raise ValueError(f"weights={weights!r} is a file; pass the checkpoint folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path):
+    if not is_hub_repo_id(path):
         raise ValueError(f"weights={weights!r} is neither an existing folder nor a Hub repo id ('owner/name')")
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(repo_id=path, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
-        if not os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
-            folder = snapshot_download(repo_id=path, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME_BIN])
-    except Exception as e:  # offline, not cached, no such repo, network error ...
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        hint = " (HF_HUB_OFFLINE is set and the repo is not in the local cache)" if offline else ""
-        raise ValueError(
-            f"weights={weights!r} is not a local folder and could not be fetched from the Hugging Face Hub{hint}: "
-            f"{type(e).__name__}: {e}. Download it first (huggingface-cli download {path}) or pass a local folder."
-        ) from e
+    folder = hub_fetch(path, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
+    if not os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+        folder = hub_fetch(path, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME_BIN])
     return folder
 
 

@@ -77,6 +77,15 @@ def _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, sel_off, SEL
 
 
 @triton.jit
+def _load_tile(PTR, base, offs, stride, offs_d, dmask, UPCAST: tl.constexpr):
+    """A [rows, BLOCK_D] tile of one (batch, head); fp32 when UPCAST (see ``_upcast``)."""
+    x = tl.load(PTR + base + offs[:, None] * stride + offs_d[None, :], mask=dmask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _bs_fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, QHI, KPOS, SEL,
                    sm_scale, r2, s_tab, s_cnt, s_sel, SEL_W,
                    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
@@ -90,9 +99,7 @@ def _bs_fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, 
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = (offs_d < D)[None, :]
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :], mask=dmask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_tile(Q, b * s_qb + h * s_qh, offs_m, s_qs, offs_d, dmask, UPCAST)
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
@@ -102,12 +109,8 @@ def _bs_fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, 
         kb = tl.load(KV_IDX + pid_bh * s_tab + pid_m * MAXK + j)
         full = tl.load(KV_FULL + pid_bh * s_tab + pid_m * MAXK + j)
         offs_n = kb * BLOCK + tl.arange(0, BLOCK)
-        k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_ks + offs_d[None, :], mask=dmask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vs + offs_d[None, :], mask=dmask, other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
+        k = _load_tile(K, b * s_kb + h * s_kh, offs_n, s_ks, offs_d, dmask, UPCAST)
+        v = _load_tile(V, b * s_vb + h * s_vh, offs_n, s_vs, offs_d, dmask, UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if full == 0:
             vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, pid_bh * s_sel, SEL_W,
@@ -126,6 +129,19 @@ def _bs_fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, 
 
 
 @triton.jit
+def _probs_and_dscores(q, k, v, do, lse, delta, qk_scale, full, offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2,
+                       SEL, sel_off, SEL_W, MODE: tl.constexpr, NDIM: tl.constexpr, PREC: tl.constexpr):
+    """Backward of one (query block, key block) pair: recomputed probabilities P and dS = P * (dP - delta)."""
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    p = tl.exp2(qk - lse[:, None])
+    if full == 0:
+        vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, sel_off, SEL_W, MODE, NDIM)
+        p = tl.where(vis, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _bs_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT, Q_FULL, QFLAG, KFLAG, QLO, QHI, KPOS, SEL,
                         sm_scale, r2, s_tab, s_cnt, s_sel, SEL_W,
                         s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
@@ -139,12 +155,8 @@ def _bs_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT, Q_FULL, Q
     offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = (offs_d < D)[None, :]
-    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_ks + offs_d[None, :], mask=dmask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-    v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vs + offs_d[None, :], mask=dmask, other=0.0)
-    if UPCAST:
-        v = v.to(tl.float32)
+    k = _load_tile(K, b * s_kb + h * s_kh, offs_n, s_ks, offs_d, dmask, UPCAST)
+    v = _load_tile(V, b * s_vb + h * s_vh, offs_n, s_vs, offs_d, dmask, UPCAST)
     dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
@@ -153,23 +165,13 @@ def _bs_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT, Q_FULL, Q
         qb = tl.load(Q_IDX + pid_bh * s_tab + pid_n * MAXQ + i)
         full = tl.load(Q_FULL + pid_bh * s_tab + pid_n * MAXQ + i)
         offs_m = qb * BLOCK + tl.arange(0, BLOCK)
-        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :], mask=dmask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-        do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_ds + offs_d[None, :], mask=dmask, other=0.0)
-        if UPCAST:
-            do = do.to(tl.float32)
+        q = _load_tile(Q, b * s_qb + h * s_qh, offs_m, s_qs, offs_d, dmask, UPCAST)
+        do = _load_tile(DO, b * s_db + h * s_dh, offs_m, s_ds, offs_d, dmask, UPCAST)
         lse = tl.load(LSE + pid_bh * SQ + offs_m)
         delta = tl.load(DELTA + pid_bh * SQ + offs_m)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        p = tl.exp2(qk - lse[:, None])
-        if full == 0:
-            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, pid_bh * s_sel, SEL_W,
-                           MODE, NDIM)
-            p = tl.where(vis, p, 0.0)
+        p, ds = _probs_and_dscores(q, k, v, do, lse, delta, qk_scale, full, offs_m, offs_n, QFLAG, KFLAG, QLO, QHI,
+                                   KPOS, r2, SEL, pid_bh * s_sel, SEL_W, MODE, NDIM, PREC)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     dk = dk * sm_scale
     tl.store(DK + b * s_kb + h * s_kh + offs_n[:, None] * s_ks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=dmask)
@@ -190,12 +192,8 @@ def _bs_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, KV_FULL, QFLA
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = (offs_d < D)[None, :]
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :], mask=dmask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_ds + offs_d[None, :], mask=dmask, other=0.0)
-    if UPCAST:
-        do = do.to(tl.float32)
+    q = _load_tile(Q, b * s_qb + h * s_qh, offs_m, s_qs, offs_d, dmask, UPCAST)
+    do = _load_tile(DO, b * s_db + h * s_dh, offs_m, s_ds, offs_d, dmask, UPCAST)
     lse = tl.load(LSE + pid_bh * SQ + offs_m)
     delta = tl.load(DELTA + pid_bh * SQ + offs_m)
     dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
@@ -205,20 +203,10 @@ def _bs_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, KV_FULL, QFLA
         kb = tl.load(KV_IDX + pid_bh * s_tab + pid_m * MAXK + j)
         full = tl.load(KV_FULL + pid_bh * s_tab + pid_m * MAXK + j)
         offs_n = kb * BLOCK + tl.arange(0, BLOCK)
-        k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_ks + offs_d[None, :], mask=dmask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vs + offs_d[None, :], mask=dmask, other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        p = tl.exp2(qk - lse[:, None])
-        if full == 0:
-            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, pid_bh * s_sel, SEL_W,
-                           MODE, NDIM)
-            p = tl.where(vis, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
+        k = _load_tile(K, b * s_kb + h * s_kh, offs_n, s_ks, offs_d, dmask, UPCAST)
+        v = _load_tile(V, b * s_vb + h * s_vh, offs_n, s_vs, offs_d, dmask, UPCAST)
+        p, ds = _probs_and_dscores(q, k, v, do, lse, delta, qk_scale, full, offs_m, offs_n, QFLAG, KFLAG, QLO, QHI,
+                                   KPOS, r2, SEL, pid_bh * s_sel, SEL_W, MODE, NDIM, PREC)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     dq = dq * sm_scale
     tl.store(DQ + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=dmask)

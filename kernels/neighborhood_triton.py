@@ -13,7 +13,7 @@ import torch
 
 from .blocksparse import MODE_BOX, BlockPlan, register_planner, sparse_attention, tables_from_matrix
 from .neighborhood_ref import axis_window_start
-from .tiling import _BIG, IMAGE, PAD, build_tile_layout
+from .tiling import _BIG, IMAGE, build_tile_layout
 
 
 def _window_boxes(layout, kernel_size, stride):

@@ -408,12 +408,12 @@ def test_auto_weights_resolves_then_fails_clearly_offline(unet, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     snap = snapshot(unet)
     unet.register_to_config(_name_or_path="/cache/models--runwayml--stable-diffusion-v1-5/snapshots/0123/unet")
-    with pytest.raises(ValueError, match=r"'Yuanshi/LinFusion-1-5' is not a local folder and could not be fetched"):
+    with pytest.raises(ValueError, match=r"could not get the Hugging Face Hub repo 'Yuanshi/LinFusion-1-5' \(HF_HUB_OFFLINE is set"):
         apply(unet, "linfusion", weights="auto")
     unet.register_to_config(_name_or_path="my/own-finetune")
     with pytest.raises(ValueError, match="weights='auto' found no LinFusion checkpoint.*my/own-finetune"):
         apply(unet, "linfusion", weights="auto")
-    with pytest.raises(ValueError, match="could not be fetched"):
+    with pytest.raises(ValueError, match="could not get the Hugging Face Hub repo"):
         apply(unet, "linfusion", weights="Yuanshi/LinFusion-XL")
     assert_unchanged(unet, snap)
 

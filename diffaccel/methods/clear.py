@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import torch
 from .. import ops
 from .._validate import BACKENDS, resolve_backend
 from ..processors import FluxProcessor, PatternProcessor, SD3Processor, swap_processors
+from ..io import hub_fetch, is_hub_repo_id
 from ..registry import Method, register_method
 
 __all__ = [
@@ -225,20 +225,10 @@ def _resolve_file(options):
         if os.path.isfile(path):
             return path
         raise ValueError(f"weights folder {w!r} has no {name}; pass the .safetensors file itself")
-    if w.endswith(".safetensors") or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", w):
+    if w.endswith(".safetensors") or not is_hub_repo_id(w):
         raise ValueError(f"weights={options.weights!r}: no such file, and not a Hub repo id ('owner/name')")
     filename = options.weights_file or clear_filename(options.radius, options.down_factor)
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(repo_id=w, filename=filename)
-    except Exception as e:  # offline, not cached, no such repo or file, network error ...
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        hint = " (HF_HUB_OFFLINE is set and the file is not in the local Hub cache)" if offline else ""
-        raise ValueError(
-            f"could not get {filename!r} from the Hugging Face Hub repo {w!r}{hint}: {type(e).__name__}: {e}. "
-            f"Download it first (huggingface-cli download {w} {filename}) or pass a local path."
-        ) from e
+    return hub_fetch(w, filename=filename)
 
 
 class _Source:

@@ -116,12 +116,30 @@ def _dense(q, k, v):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
+def _release_freed_memory():
+    """Make freed CPU memory leave the process so RSS growth measures each call (glibc only).
+
+    A fixed mmap threshold stops glibc from raising it after large frees (which would keep
+    later large buffers on the heap, resident and invisible to the measurement), and
+    ``malloc_trim`` returns what is free now.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _PeakRSS:
     """Peak resident-set growth of this process while the block runs (CPU memory)."""
 
     def __enter__(self):
         import psutil
 
+        _release_freed_memory()
         self.proc = psutil.Process()
         self.base = self.proc.memory_info().rss
         self.peak = self.base
@@ -169,6 +187,9 @@ def _measure(fn, device, warmup, repeat):
     return statistics.median(times), peak
 
 
+FLEX_OPS = ("neighborhood", "local")  # ops with a FlexAttention backend (the same mask as our kernels)
+
+
 def _flex_same_pattern(case, q, k, v):
     """FlexAttention with the op's own mask, when the op has a flex backend."""
     return _run_op(case, "flex", q, k, v)
@@ -198,10 +219,10 @@ def run_case(case, device, dtype, backends=None, warmup=1, repeat=3, baselines=(
     if "sdpa" in baselines:
         add("dense-sdpa", lambda: _dense(q, k, v))
     for b in backends or _available_backends(case, device):
-        if b == "flex" and "flex" in baselines:
-            continue  # reported once, as the baseline below
+        if b == "flex":
+            continue  # reported as the FlexAttention baseline below
         add(b, lambda b=b: _run_op(case, b, q, k, v))
-    if "flex" in baselines and case.op != "linear" and flex_available(device):
+    if "flex" in baselines and case.op in FLEX_OPS and flex_available(device):
         add("flex", lambda: _flex_same_pattern(case, q, k, v))
     dense = next((r["time_ms"] for r in rows if r["backend"] == "dense-sdpa" and "time_ms" in r), None)
     for r in rows:

@@ -155,7 +155,7 @@ def sample_spec(seed: int, index: int, max_shapes: int = 2, video: bool = False)
             angle = float(rng.uniform(-15, 15))
             if video:
                 # start and end both inside the frame; a clear dominant direction
-                travel = float(rng.uniform(0.25, 0.45))
+                travel = float(rng.uniform(0.25, min(0.45, 1 - 2 * r - 0.02)))
                 direction = DIRECTIONS[rng.integers(4)]
                 ux, uy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
                 dx, dy = ux * travel, uy * travel

@@ -143,7 +143,7 @@ def train_small(
         m.train()
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema = [p.detach().clone() for p in params]
-    step, elapsed_before, history = 0, 0.0, []
+    step, elapsed_before, runs = 0, 0.0, []
     if resume and os.path.isfile(ckpt_path):
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         if ck["kind"] != kind:
@@ -153,6 +153,11 @@ def train_small(
         for e, v in zip(ema, ck["ema"]):
             e.copy_(v)
         step, elapsed_before = ck["step"], ck.get("elapsed", 0.0)
+        runs = list(ck.get("runs") or [])
+        if not runs and os.path.isfile(os.path.join(output, "training.json")):
+            with open(os.path.join(output, "training.json")) as f:
+                old = json.load(f)
+            runs = [dict(command=old.get("command"), end_step=step, minutes=old.get("minutes_trained"))]
         torch.set_rng_state(ck["rng"])
         print(f"resumed {ckpt_path} at step {step} ({elapsed_before / 60:.1f} min trained)", flush=True)
 
@@ -161,8 +166,12 @@ def train_small(
     t0 = time.time()
     losses = []
 
+    def _runs():
+        # every run that trained this model: its command, the step it ended at, wall minutes
+        return runs + [dict(command=command, end_step=step, minutes=round((time.time() - t0) / 60, 1))]
+
     def save(final=False):
-        ck = dict(kind=kind, step=step, elapsed=elapsed_before + time.time() - t0, model=_state(pipe),
+        ck = dict(kind=kind, step=step, elapsed=elapsed_before + time.time() - t0, runs=_runs(), model=_state(pipe),
                   optimizer=opt.state_dict(), ema=[e.cpu() for e in ema], rng=torch.get_rng_state())
         tmp = ckpt_path + ".tmp"
         torch.save(ck, tmp)
@@ -193,7 +202,7 @@ def train_small(
         info = dict(kind=kind, steps=step, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
                     minutes_trained=round((elapsed_before + time.time() - t0) / 60, 1), final_loss=recent,
                     data_seed=data_seed, seed=seed, weights_dtype=save_dtype,
-                    command=command, continue_with=_continue_command(command))
+                    command=command, continue_with=_continue_command(command), runs=_runs())
         with open(os.path.join(tmp, "training.json"), "w") as f:
             json.dump(info, f, indent=2)
         if os.path.isdir(output):
@@ -237,7 +246,6 @@ def train_small(
             rec = dict(step=step, loss=float(np.mean(losses[-log_every:])), sec_per_step=(now - last) / log_every,
                        minutes=round((elapsed_before + now - t0) / 60, 2))
             last = now
-            history.append(rec)
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             print(json.dumps(rec), flush=True)

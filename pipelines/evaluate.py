@@ -121,8 +121,10 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
 
 
 class ShapeClassifier(ModelMixin, ConfigMixin):
-    """A tiny CNN on 32x32 RGB images in [0, 1]: ``pairs`` logits (multi-label, one per (shape, colour),
-    :func:`~diffaccel.pipelines.shapes.pair_index`) and ``background`` logits (one per colour)."""
+    """A tiny CNN on 32x32 RGB images in [0, 1] with multi-label heads for the (shape, colour) pairs present
+    (:func:`~diffaccel.pipelines.shapes.pair_index`), the shapes present and the colours present, and a softmax
+    head for the background colour.  A pair's score is the sum of the log-sigmoids of its pair, shape and colour
+    logits."""
 
     config_name = "config.json"
 
@@ -136,22 +138,31 @@ class ShapeClassifier(ModelMixin, ConfigMixin):
 
         w = width
         self.features = nn.Sequential(block(3, w), nn.MaxPool2d(2), block(w, 2 * w), nn.MaxPool2d(2),
-                                      block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.pairs = nn.Linear(4 * w, num_shapes * num_colors)
-        self.background = nn.Linear(4 * w, num_colors)
+                                      block(2 * w, 4 * w))
+        self.pairs = nn.Linear(8 * w, num_shapes * num_colors)
+        self.shapes = nn.Linear(8 * w, num_shapes)
+        self.colors = nn.Linear(8 * w, num_colors)
+        self.background = nn.Linear(8 * w, num_colors)
 
     def forward(self, images):
-        """``images`` ``[B, 3, 32, 32]`` in [0, 1] -> ``(pair_logits, background_logits)``."""
-        h = self.features(images * 2 - 1)
-        return self.pairs(h), self.background(h)
+        """``images`` ``[B, 3, 32, 32]`` in [0, 1] -> ``(pair, shape, colour, background)`` logits."""
+        f = self.features(images * 2 - 1)
+        h = torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1)  # average and max pooling
+        return self.pairs(h), self.shapes(h), self.colors(h), self.background(h)
+
+    def pair_scores(self, pair_logits, shape_logits, color_logits):
+        """``[B, S*C]`` log-scores of every (shape, colour) pair."""
+        nc = color_logits.shape[1]
+        joint = F.logsigmoid(shape_logits)[:, :, None] + F.logsigmoid(color_logits)[:, None, :]
+        return F.logsigmoid(pair_logits) + joint.reshape(-1, shape_logits.shape[1] * nc)
 
     @torch.no_grad()
     def predict(self, images, num_shapes=1):
         """Predicted ``[(shape, colour), ...]`` (the ``num_shapes`` most likely pairs) and background per image;
         images of any size are area-resized to 32x32 first."""
         images = _resize_for_classifier(images)
-        pair_logits, bg_logits = self(images.to(self.dtype))
-        top = pair_logits.topk(num_shapes, dim=1).indices
+        pair_logits, shape_logits, color_logits, bg_logits = self(images.to(self.dtype))
+        top = self.pair_scores(pair_logits, shape_logits, color_logits).topk(num_shapes, dim=1).indices
         nc = len(COLOR_NAMES)
         pairs = [[(SHAPES[int(i) // nc], COLOR_NAMES[int(i) % nc]) for i in row] for row in top]
         return pairs, [COLOR_NAMES[int(i)] for i in bg_logits.argmax(1)]
@@ -196,7 +207,7 @@ def _batch(dataset, indices):
         [it["caption"] for it in items]
 
 
-def train_classifier(output: str, work_dir: str, minutes: float = 15.0, max_steps: int | None = 3000,
+def train_classifier(output: str, work_dir: str, minutes: float = 60.0, max_steps: int | None = 4000,
                      batch_size: int = 64, lr: float = 2e-3, data_seed: int = 0, seed: int = 0, threads: int = 1,
                      device: str = "cpu", resume: bool = False, command: str | None = None, val_size: int = 1000):
     """Train the shape/colour classifier on the shapes dataset (``data_seed``; validation on ``data_seed + 1``),
@@ -207,7 +218,7 @@ def train_classifier(output: str, work_dir: str, minutes: float = 15.0, max_step
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = ShapeClassifier().to(device)
-    max_steps = max_steps or 3000
+    max_steps = max_steps or 4000
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max_steps, pct_start=0.1)
     train = ShapesDataset(data_seed, 10_000_000, CLASSIFIER_SIZE)
@@ -216,8 +227,13 @@ def train_classifier(output: str, work_dir: str, minutes: float = 15.0, max_step
     while step < max_steps and time.time() - t0 < minutes * 60:
         x, pairs, bg, _ = _batch(train, range(step * batch_size, (step + 1) * batch_size))
         x = _augment(x, gen).to(device)
-        pl, bl = model(x)
-        loss = F.binary_cross_entropy_with_logits(pl, pairs.to(device)) * 10 + F.cross_entropy(bl, bg.to(device))
+        pairs = pairs.to(device)
+        pl, sl, cl, bl = model(x)
+        grid = pairs.view(-1, len(SHAPES), len(COLOR_NAMES))
+        loss = (F.binary_cross_entropy_with_logits(pl, pairs) * 10
+                + F.binary_cross_entropy_with_logits(sl, grid.amax(2)) * 4
+                + F.binary_cross_entropy_with_logits(cl, grid.amax(1)) * 4
+                + F.cross_entropy(bl, bg.to(device)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

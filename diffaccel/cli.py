@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import entry_points
 
 import torch
 
@@ -37,127 +38,6 @@ def _cmd_bench(args):
     return 0
 
 
-GENERATE_METHODS = ("dense", "neighborhood", "clear", "linfusion", "moba")
-
-
-def _peak_memory(device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (CUDA, max allocated)"
-    import resource
-
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return f"{kib / 1024:.0f} MiB (process max RSS)"
-
-
-def _cmd_generate(args):
-    # The CLI entry point is the one place in diffaccel/ allowed to use the pipelines layer, lazily, here.
-    import time
-
-    import diffaccel
-
-    from .pipelines import evaluate, small
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    setting = evaluate.parse_setting(args.method, args.option)
-    if setting.method not in GENERATE_METHODS:
-        raise SystemExit(f"--method must be one of {GENERATE_METHODS}, got {setting.method!r}")
-    pipe = small.load_pipeline(args.model, device=device, dtype=dtype, allow_download=args.allow_download)
-    options = dict(setting.options)
-    if setting.method != "dense":
-        if not options and small.resolve_small(args.model) is not None:
-            # a small model: the first default setting of this method (sized on its native token grid)
-            defaults = [s for s in evaluate.default_settings(pipe) if s.method == setting.method]
-            if defaults:
-                options = dict(defaults[0].options)
-        diffaccel.apply(pipe, setting.method, **evaluate.resolve_options(options))
-    label = evaluate.Setting(setting.method, options).label
-    kwargs = dict(num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
-    for name in ("height", "width", "guidance_scale", "negative_prompt", "num_frames"):
-        value = getattr(args, name)
-        if value is not None:
-            kwargs[name] = value
-    if args.num_images > 1:
-        kwargs["num_images_per_prompt"] = args.num_images
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    print(f"{args.model}: {label}", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    result = pipe(args.prompt, **kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
-    paths = small.save_media(result, args.output)
-    print(f"time: {seconds:.2f} s ({args.steps} steps, {seconds / args.steps:.3f} s/step); "
-          f"peak memory: {_peak_memory(device)}")
-    for p in paths:
-        print(f"wrote {p}")
-    return 0
-
-
-def _cmd_eval(args):
-    # The CLI entry point is the one place in diffaccel/ allowed to use the pipelines layer, lazily, here.
-    from .pipelines import evaluate
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    settings = None if not args.settings else [evaluate.parse_setting(s) for s in args.settings]
-    out = evaluate.evaluate(
-        models=tuple(args.models), settings=settings, scales=tuple(args.scales),
-        video_scales=tuple(args.video_scales), num_prompts=args.num_prompts, steps=args.steps,
-        guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-        classifier=None if args.no_classifier else args.classifier, device=device, progress=args.progress,
-        log=lambda m: print(m, file=sys.stderr, flush=True),
-    )
-    rows, config = out["results"], out["config"]
-    print(evaluate.format_table(rows))
-    for note in config["skipped"]:
-        print(f"skipped: {note}", file=sys.stderr)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(config=config, results=rows), f, indent=2)
-        print(f"wrote {args.json}", file=sys.stderr)
-    if args.plot:
-        evaluate.plot_quality_speed(rows, args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
-    return 0
-
-
-def _add_train_small_arguments(p):
-    p.add_argument("kind", choices=["flux", "unet", "wan", "classifier", "linfusion"],
-                   help="which small model to train (classifier: the shape/colour classifier of `diffaccel eval`; "
-                        "linfusion: distil LinFusion layers from --teacher)")
-    p.add_argument("--output", help="exported folder (default: the shipped pipelines/models/small-<kind>, "
-                                    "shape-classifier or small-unet-linfusion)")
-    p.add_argument("--work-dir", help="checkpoints, logs and sample grids (default runs/<name>)")
-    p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this run (default 60)")
-    p.add_argument("--max-steps", type=int, help="stop at this total step count")
-    p.add_argument("--batch-size", type=int, help="default 32 (images), 12 (video), 64 (classifier)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3; classifier 2e-3)")
-    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the shapes dataset")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and noise")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--resume", action="store_true", help="continue from <work-dir>/checkpoint.pt")
-    p.add_argument("--save-every", type=int, default=200, help="checkpoint and export every N steps")
-    p.add_argument("--sample-every", type=int, default=1000, help="write a preview grid every N steps")
-    p.add_argument("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of the exported weights")
-    p.add_argument("--teacher", default="small-unet", help="linfusion: the small UNet pipeline to distil from")
-
-
-def _cmd_train_small(args):
-    # The CLI entry point is the one place in diffaccel/ allowed to use the pipelines layer, lazily, here.
-    from .pipelines import train_small
-
-    train_small.run_from_args(args)
-    return 0
-
-
 def build_parser():
     p = argparse.ArgumentParser(prog="diffaccel", description="Fast attention patterns for diffusers.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -174,65 +54,10 @@ def build_parser():
     b.add_argument("--json", help="also write the results as JSON to this file")
     b.set_defaults(func=_cmd_bench)
 
-    g = sub.add_parser("generate", help="generate an image or video, offline by default on the small FLUX model",
-                       description="Generate with a diffusers pipeline and a diffaccel method. Offline by default: "
-                                   "the shipped small models (small-flux, small-unet, small-wan), local folders, or "
-                                   "Hub ids already in the local cache (--allow-download to fetch).")
-    g.add_argument("--model", default="small-flux",
-                   help="small model name (small-flux, small-unet, small-wan), diffusers Hub id or folder "
-                        "(default small-flux)")
-    g.add_argument("--method", default="dense",
-                   help="dense, neighborhood, clear, linfusion or moba, optionally with options "
-                        "'method:key=value,...' (e.g. 'neighborhood:kernel_size=9'); small models get a default "
-                        "setting when none is given")
-    g.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method option (Python literal value), repeatable: -o kernel_size=(9,9)")
-    g.add_argument("--prompt", default="a red circle and a blue square on a yellow background")
-    g.add_argument("--negative-prompt")
-    g.add_argument("--height", type=int, help="default: the model's native size")
-    g.add_argument("--width", type=int, help="default: the model's native size")
-    g.add_argument("--num-frames", type=int, help="video models only")
-    g.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    g.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the pipeline's)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--output", default="output.png", help="image file (videos: .gif, or a frame strip)")
-    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 for small models, the pipeline's otherwise")
-    g.add_argument("--threads", type=int, help="torch CPU threads")
-    g.add_argument("--allow-download", action="store_true", help="let Hub ids download (default: offline)")
-    g.set_defaults(func=_cmd_generate)
-
-    e = sub.add_parser("eval", help="quality (PSNR/SSIM vs full attention, classifier accuracy) and speed of every "
-                                    "method on the small shapes models",
-                       description="For each small model, size and method setting: the same prompts and seeds as "
-                                   "full attention; PSNR and SSIM to the full-attention output, shape/colour "
-                                   "classifier accuracy and seconds per sample.  See the pipelines layer's evaluate module.")
-    e.add_argument("--models", nargs="+", default=["small-flux", "small-unet", "small-wan"])
-    e.add_argument("--settings", nargs="+",
-                   help="method settings 'method:key=value,...' (default: a few per applicable method)")
-    e.add_argument("--scales", nargs="+", type=float, default=[1, 2, 4], help="multiples of the native size")
-    e.add_argument("--video-scales", nargs="+", type=float, default=[1, 2],
-                   help="scales for video models (default 1 2: 4x video is very slow on CPU)")
-    e.add_argument("--num-prompts", type=int, default=8)
-    e.add_argument("--steps", type=int, default=20)
-    e.add_argument("--guidance", type=float, default=4.0)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=int, default=4, help="samples per pipeline call")
-    e.add_argument("--classifier", default="shape-classifier", help="classifier name or folder")
-    e.add_argument("--no-classifier", action="store_true")
-    e.add_argument("--json", help="write the config and every row as JSON")
-    e.add_argument("--plot", help="write a PNG of PSNR against seconds per sample per method")
-    e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    e.add_argument("--threads", type=int, help="torch CPU threads")
-    e.add_argument("--progress", action="store_true", help="progress bars over the denoising steps")
-    e.set_defaults(func=_cmd_eval)
-
-    t = sub.add_parser("train-small", help="train a small shapes model (flux, unet, wan) or the shape classifier",
-                       description="Train a small shapes model (FLUX, UNet or Wan architecture) with flow matching on the "
-                                   "procedural shapes dataset (or the shape/colour classifier), on CPU by default.")
-    _add_train_small_arguments(t)
-    t.set_defaults(func=_cmd_train_small)
+    # subcommands of higher layers (diffaccel.pipelines: generate, eval, train-small) plug in through the
+    # "diffaccel.cli" entry point group, so this package never imports the layer above it
+    for ep in sorted(entry_points(group="diffaccel.cli"), key=lambda e: e.name):
+        ep.load()(sub)
     return p
 
 

@@ -54,7 +54,7 @@ def build_parser():
     b.add_argument("--json", help="also write the results as JSON to this file")
     b.set_defaults(func=_cmd_bench)
 
-    # subcommands of higher layers (diffaccel.pipelines: generate, eval, train-small) plug in through the
+    # subcommands of higher layers (the pipelines layer: generate, eval, train-small) plug in through the
     # "diffaccel.cli" entry point group, so this package never imports the layer above it
     for ep in sorted(entry_points(group="diffaccel.cli"), key=lambda e: e.name):
         ep.load()(sub)

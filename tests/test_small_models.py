@@ -1,0 +1,240 @@
+"""The small shapes models: dataset, shipped pipelines (offline), classifier, metrics, `diffaccel generate`,
+`diffaccel eval` (reduced) and `diffaccel train-small` (a few steps)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models  # noqa: F401  (single-threaded torch, HF_HUB_OFFLINE)
+from diffaccel.cli import main as cli_main
+from diffaccel.pipelines import evaluate, shapes, small
+
+SMALL = ["small-flux", "small-unet", "small-wan"]
+# Full attention at the native size, 8 single-shape prompts x 16 steps: the shipped small-flux gets colour and
+# background right (measured 1.0); chance is about 1/5 (colour).
+MIN_COLOUR_ACC = 0.6
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {}
+
+
+def _pipe(pipes, name):
+    if name not in pipes:
+        pipes[name] = small.load_small(name)
+        pipes[name].set_progress_bar_config(disable=True)
+    return pipes[name]
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return evaluate.load_classifier()
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+def test_dataset_is_deterministic_and_captions_match():
+    a, b = shapes.render_image(3, 17), shapes.render_image(3, 17)
+    assert np.array_equal(a.pixels, b.pixels) and a.caption == b.caption
+    assert not np.array_equal(a.pixels, shapes.render_image(4, 17).pixels)
+    for i in range(50):
+        s = shapes.render_image(0, i)
+        assert s.pixels.shape == (32, 32, 3) and s.pixels.dtype == np.uint8
+        pairs, bg = shapes.parse_caption(s.caption)
+        assert pairs == [(x.shape, x.color) for x in s.shapes] and bg == s.background
+        assert all(c != bg for _, c in pairs) and 1 <= len(pairs) <= 2
+        assert [x.cx for x in s.shapes] == sorted(x.cx for x in s.shapes)  # named left to right
+    item = shapes.ShapesDataset(0, 10)[3]
+    assert item["pixels"].shape == (3, 32, 32) and -1 <= item["pixels"].min() and item["pixels"].max() <= 1
+    assert item["pairs"].sum() == len(shapes.parse_caption(item["caption"])[0])
+
+
+def test_video_dataset_moves_shapes():
+    for i in range(2000):  # every shape stays inside the frame on its whole path
+        for spec in shapes.sample_spec(0, i, video=True)[0]:
+            for t in (0.0, 1.0):
+                assert spec.r <= spec.cx + t * spec.dx <= 1 - spec.r and spec.r <= spec.cy + t * spec.dy <= 1 - spec.r
+    v = shapes.render_video(0, 5, frames=6)
+    assert v.pixels.shape == (6, 32, 32, 3)
+    assert "moving" in v.caption and not np.array_equal(v.pixels[0], v.pixels[-1])
+    item = shapes.ShapesVideoDataset(0, 10, frames=4)[1]
+    assert item["pixels"].shape == (3, 4, 32, 32)
+    pairs, _ = shapes.parse_caption(item["caption"])
+    assert pairs
+
+
+def test_parse_caption_rejects_other_text():
+    assert shapes.parse_caption("a red circle and a blue star on a white background") == (
+        [("circle", "red"), ("star", "blue")], "white")
+    for bad in ("a cat", "a red circle on a background", "a pink circle on a red background"):
+        with pytest.raises(ValueError):
+            shapes.parse_caption(bad)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_psnr_and_ssim_definitions():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 16, 16, generator=g)
+    assert torch.allclose(evaluate.psnr(a, a), torch.full((2,), evaluate.PSNR_CAP, dtype=torch.float64))
+    assert torch.allclose(evaluate.ssim(a, a), torch.ones(2, dtype=torch.float64))
+    b = (a + 0.1).clamp(0, 1)
+    mse = (a - b).double().pow(2).flatten(1).mean(1)
+    assert torch.allclose(evaluate.psnr(a, b), 10 * torch.log10(1 / mse))
+    # constant images: SSIM reduces to the luminance term (2 mx my + C1) / (mx^2 + my^2 + C1)
+    x, y = torch.full((1, 3, 12, 12), 0.2), torch.full((1, 3, 12, 12), 0.6)
+    c1 = 0.01 ** 2
+    assert math.isclose(float(evaluate.ssim(x, y)), (2 * 0.2 * 0.6 + c1) / (0.04 + 0.36 + c1), rel_tol=1e-6)
+    noisy = (a + 0.2 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    s = evaluate.ssim(a, noisy)
+    assert (s < 0.9).all() and torch.allclose(s, evaluate.ssim(noisy, a))
+    # videos: frames averaged
+    v = torch.rand(1, 3, 4, 16, 16, generator=g)
+    assert float(evaluate.ssim(v, v)) == pytest.approx(1.0)
+
+
+def test_setting_parser():
+    s = evaluate.parse_setting("moba:block=(8,8),topk=2")
+    assert s.method == "moba" and s.options == {"block": (8, 8), "topk": 2}
+    assert s.label == "moba:block=(8,8),topk=2"
+    assert evaluate.parse_setting("neighborhood", ["kernel_size=(3,5,5)"]).options == {"kernel_size": (3, 5, 5)}
+    assert evaluate.parse_setting("dense").options == {}
+    with pytest.raises(ValueError):
+        evaluate.parse_setting("moba:topk")
+    with pytest.raises(ValueError):
+        evaluate.parse_setting("dense:kernel_size=3")
+
+
+# ----------------------------------------------------------------------------- shipped models
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_shipped_model_loads_offline_and_generates(pipes, name):
+    folder = os.path.join(small.MODELS_DIR, name)
+    assert os.path.isfile(os.path.join(folder, "model_index.json")), f"{name} is not shipped"
+    size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder) for f in fs)
+    assert size < 10 * 2 ** 20, f"{name} is {size / 2**20:.1f} MiB"
+    with open(os.path.join(folder, "training.json")) as f:
+        assert json.load(f)["command"].startswith("diffaccel train-small")
+    pipe = _pipe(pipes, name)
+    assert pipe.denoiser.dtype == torch.float32
+    g = torch.Generator().manual_seed(0)
+    out = pipe("a red circle on a blue background", num_inference_steps=2, generator=g, output_type="pt")
+    x = out.frames if name == "small-wan" else out.images
+    native = pipe.config.sample_size
+    assert x.shape[-2:] == (native, native) and torch.isfinite(x).all()
+    # other sizes (what the methods are evaluated at)
+    out2 = pipe("a red circle on a blue background", height=2 * native, width=native, num_inference_steps=1,
+                output_type="pt")
+    x2 = out2.frames if name == "small-wan" else out2.images
+    assert x2.shape[-2:] == (2 * native, native)
+
+
+def test_dense_flux_draws_the_prompted_colours(pipes, classifier):
+    """Full attention at the native size: the classifier recognises the prompted colour and background well above
+    chance (~1/5).  The prompted *shape* is not yet recognised above chance (1/4): the shipped small-flux draws
+    blobs of the right colour (see docs/small-models.md, Limits)."""
+    pipe = _pipe(pipes, "small-flux")
+    prompts = evaluate.eval_prompts(8)
+    gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    x = pipe(prompts, num_inference_steps=16, generator=gens, output_type="pt").images
+    acc = evaluate.classifier_accuracy(classifier, x, prompts)
+    assert acc["colour"] >= MIN_COLOUR_ACC and acc["background"] >= MIN_COLOUR_ACC, acc
+
+
+def test_classifier_on_dataset_images(classifier):
+    ds = shapes.ShapesDataset(seed=12345, length=64)
+    items = [ds[i] for i in range(64)]
+    x = torch.stack([it["pixels"] for it in items]).add(1).div(2)
+    acc = evaluate.classifier_accuracy(classifier, x, [it["caption"] for it in items])
+    assert acc["shape"] > 0.85 and acc["colour"] > 0.85 and acc["background"] > 0.9, acc
+    # larger inputs are area-resized to 32 x 32
+    big = torch.nn.functional.interpolate(x[:8], scale_factor=2, mode="nearest")
+    pairs, _ = classifier.predict(big)
+    assert pairs == classifier.predict(x[:8])[0]
+
+
+def test_method_changes_and_remove_restores(pipes):
+    import diffaccel
+
+    pipe = _pipe(pipes, "small-flux")
+    kw = dict(height=64, width=64, num_inference_steps=2, output_type="pt")
+    ref = pipe("a blue star on a white background", generator=torch.Generator().manual_seed(1), **kw).images
+    diffaccel.apply(pipe, "neighborhood", kernel_size=5)
+    try:
+        out = pipe("a blue star on a white background", generator=torch.Generator().manual_seed(1), **kw).images
+    finally:
+        diffaccel.remove(pipe)
+    again = pipe("a blue star on a white background", generator=torch.Generator().manual_seed(1), **kw).images
+    assert not torch.equal(out, ref) and torch.equal(again, ref)
+    assert 5 < float(evaluate.psnr(out, ref)) < evaluate.PSNR_CAP
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_generate_image_and_video(tmp_path, capsys):
+    png = tmp_path / "img.png"
+    assert cli_main(["generate", "--steps", "2", "--output", str(png), "--method", "neighborhood",
+                     "--height", "48", "--width", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "time:" in out and "peak memory:" in out
+    from PIL import Image
+
+    assert Image.open(png).size == (64, 48)
+    gif = tmp_path / "vid.gif"
+    assert cli_main(["generate", "--model", "small-wan", "--steps", "1", "--output", str(gif),
+                     "--method", "moba:block=(4,8,8),topk=1", "--prompt", "a red star moving up on a blue background"]) == 0
+    assert Image.open(gif).n_frames == small.load_small("small-wan").config.num_frames
+
+
+def test_cli_generate_unknown_model_is_offline_error(tmp_path):
+    with pytest.raises(SystemExit, match="allow-download"):
+        cli_main(["generate", "--model", "nobody/no-such-model", "--output", str(tmp_path / "x.png")])
+
+
+def test_cli_eval_end_to_end_reduced(tmp_path, capsys):
+    js, plot = tmp_path / "eval.json", tmp_path / "eval.png"
+    assert cli_main(["eval", "--models", "small-flux", "small-unet", "--settings", "neighborhood:kernel_size=5",
+                     "clear:radius=4", "linfusion", "--scales", "1", "2", "--num-prompts", "2", "--steps", "2",
+                     "--json", str(js), "--plot", str(plot)]) == 0
+    table = capsys.readouterr().out
+    assert "PSNR" in table and "neighborhood:kernel_size=5" in table
+    data = json.loads(js.read_text())
+    rows = data["results"]
+    # flux: dense, neighborhood, clear; unet: dense, neighborhood, linfusion; at 2 sizes
+    assert len(rows) == 12
+    assert {(r["model"], r["setting"]) for r in rows} >= {("small-flux", "clear:radius=4"),
+                                                         ("small-unet", "linfusion")}
+    assert any("clear" in s and "small-unet" in s for s in data["config"]["skipped"])
+    for r in rows:
+        assert {"psnr", "ssim", "acc_shape", "acc_colour", "acc_pair", "acc_background", "sec_per_sample",
+                "speedup"} <= set(r)
+        if r["method"] == "dense":
+            assert r["psnr"] == evaluate.PSNR_CAP and r["ssim"] == 1.0
+        else:
+            assert 0 < r["psnr"] < evaluate.PSNR_CAP and r["ssim"] < 1.0
+    from PIL import Image
+
+    assert Image.open(plot).size[0] > 300
+
+
+def test_cli_train_small_few_steps(tmp_path):
+    out, work = tmp_path / "model", tmp_path / "run"
+    args = ["train-small", "flux", "--max-steps", "2", "--batch-size", "2", "--output", str(out), "--work-dir",
+            str(work), "--save-every", "0", "--sample-every", "0", "--save-dtype", "fp32"]
+    cli_main(args)
+    info = json.loads((out / "training.json").read_text())
+    assert info["steps"] == 2 and math.isfinite(info["final_loss"])
+    pipe = small.load_small(str(out))
+    assert isinstance(pipe, small.SmallFluxPipeline)
+    cli_main(args[:3] + ["4"] + args[4:] + ["--resume"])
+    assert json.loads((out / "training.json").read_text())["steps"] == 4

@@ -117,24 +117,20 @@ def _dense(q, k, v):
 
 
 def _release_freed_memory():
-    """Make freed CPU memory leave the process so RSS growth measures each call (glibc only).
-
-    A fixed mmap threshold stops glibc from raising it after large frees (which would keep
-    later large buffers on the heap, resident and invisible to the measurement), and
-    ``malloc_trim`` returns what is free now.
-    """
+    """Return freed heap memory to the OS (glibc ``malloc_trim``), so that the RSS growth of the next
+    call counts every page it touches, including heap chunks it reuses."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        libc.malloc_trim(0)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
 
 class _PeakRSS:
-    """Peak resident-set growth of this process while the block runs (CPU memory)."""
+    """Peak resident-set growth of this process while the block runs (CPU memory), sampled by a thread
+    every 0.5 ms.  Used on a run of its own, never around timed runs: the sampler competes for the
+    cores the op runs on."""
 
     def __enter__(self):
         import psutil
@@ -161,28 +157,33 @@ class _PeakRSS:
 
 
 def _measure(fn, device, warmup, repeat):
+    """``(median seconds over repeat runs, peak memory bytes)``.  On CPU the memory is measured on one
+    extra run after the timed ones."""
     for _ in range(warmup):
         fn()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    times = []
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        for _ in range(repeat):
+    times = []
+    for _ in range(repeat):
+        if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         with _PeakRSS() as mem:
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
+            fn()
         peak = mem.bytes
     return statistics.median(times), peak
 

@@ -127,66 +127,48 @@ def _image_chunk(sel, q, kb, vb, kt, vt, part, scale, need_grad):
         qbuf = torch.index_select(q.reshape(BH * N, D), 0, qrow, out=_scratch("q", (rows, D), q.dtype, dev, True))
     else:
         qbuf = q.reshape(BH * N, D).index_select(0, qrow)
-    # 2. where every pair goes in the query-major merge: row query * K + rank among the query's pairs
-    #    (K = the most pairs of any query, + 1 for the text pair); padding rows of the buffer go to
-    #    spare rows past the end, one each
+    # 2. the pairs of every query, query-major: src[query, r] = buffer row of its r-th pair (ascending
+    #    blocks), then the text pair, padded with a dummy row (zero output, -inf log-sum-exp) for queries
+    #    with fewer pairs (threshold / head selection)
     q_cnt = sel.sum(-1).flatten()  # [BH * N]
     kmax = int(q_cnt.max())
     K = kmax + (kt is not None)
     query = bh * N + n
     q_rank = (torch.cumsum(sel, dim=-1, dtype=torch.int32) - 1).flatten()[query * C + c].to(torch.int64)
-    n_pad = rows - query.numel()
-    live = torch.zeros(rows, dtype=torch.bool, device=dev)
-    live[slot] = True
-    dest = torch.empty(rows, dtype=torch.int64, device=dev)
-    dest[slot] = query * K + q_rank
-    dest[~live] = BH * N * K + torch.arange(n_pad, device=dev)
-    padded = kmax * BH * N != query.numel()  # some query has fewer pairs (threshold / head selection)
+    text_row = rows
+    dummy = rows + (BH * N if kt is not None else 0)
+    src = torch.full((BH * N, K), dummy, dtype=torch.int64, device=dev)
+    src.view(-1)[query * K + q_rank] = slot
     # 3. block-major attention, bucket by bucket
     bias_all = None
     if not part.uniform:
         bias_all = torch.zeros(C, 1, M, device=dev).masked_fill(~part.valid[:, None, :], float("-inf"))
     offset = 0
     o_parts, lse_parts = [], []
-    if cached:
-        o_q = _scratch("o", (BH * N * K + n_pad, D), torch.float32, dev, True)
-        lse_q = torch.full((BH * N * K + n_pad,), float("-inf"), device=dev)
-        if padded:
-            o_q.zero_()
     for i, w in enumerate(widths):
         gsel = order[bounds[i]:bounds[i + 1]]
         ng = gsel.numel()
         qg = qbuf[offset:offset + ng * w].view(ng, w, D)
         bias = None if bias_all is None else bias_all.index_select(0, gsel % C)
         o, lse = _attend(qg, kb.index_select(0, gsel), vb.index_select(0, gsel), bias, scale, need_grad)
-        if cached:
-            o_q.index_copy_(0, dest[offset:offset + ng * w], o.reshape(-1, D))
-            lse_q.index_copy_(0, dest[offset:offset + ng * w], lse.reshape(-1))
-        else:
-            o_parts.append(o.reshape(-1, D))
-            lse_parts.append(lse.reshape(-1))
+        o_parts.append(o.reshape(-1, D))
+        lse_parts.append(lse.reshape(-1))
         offset += ng * w
     if kt is not None:
+        src[:, kmax] = text_row + torch.arange(BH * N, device=dev)
         ot, lse_t = _attend(q, kt, vt, None, scale, need_grad)
-    # 4. merge the pairs of every query (and its text pair) by their log-sum-exp
+        o_parts.append(ot.reshape(-1, D))
+        lse_parts.append(lse_t.reshape(-1))
+    o_parts.append(o_parts[0].new_zeros(1, D))
+    lse_parts.append(lse_parts[0].new_full((1,), float("-inf")))
+    # 4. merge the pairs of every query by their log-sum-exp: a gather and weighted sum (embedding_bag)
     if cached:
-        if kt is not None:
-            text_rows = torch.arange(BH * N, device=dev) * K + kmax
-            o_q.index_copy_(0, text_rows, ot.reshape(-1, D))
-            lse_q.index_copy_(0, text_rows, lse_t.reshape(-1))
-        o_q, lse_q = o_q[:BH * N * K].view(BH * N, K, D), lse_q[:BH * N * K].view(BH * N, K)
+        o_all = torch.cat(o_parts, out=_scratch("o", (dummy + 1, D), torch.float32, dev, True))
     else:
-        o = torch.cat(o_parts)
-        lse = torch.cat(lse_parts)
-        src = torch.full((BH * N * kmax,), rows, dtype=torch.int64, device=dev)  # row `rows`: a -inf pair
-        src[query * kmax + q_rank] = slot
-        o_q = torch.cat([o, o.new_zeros(1, D)]).index_select(0, src).view(BH * N, kmax, D)
-        lse_q = torch.cat([lse, lse.new_full((1,), float("-inf"))]).index_select(0, src).view(BH * N, kmax)
-        if kt is not None:
-            o_q = torch.cat([o_q, ot.reshape(BH * N, 1, D)], dim=1)
-            lse_q = torch.cat([lse_q, lse_t.reshape(BH * N, 1)], dim=1)
-    w = torch.softmax(lse_q, dim=-1)
-    return torch.bmm(w.unsqueeze(1), o_q).view(BH, N, D)
+        o_all = torch.cat(o_parts)
+    weights = torch.softmax(torch.cat(lse_parts)[src], dim=-1)
+    out = torch.nn.functional.embedding_bag(src, o_all, mode="sum", per_sample_weights=weights)
+    return out.view(BH, N, D)
 
 
 def moba_torch(q, k, v, grid, block, topk, threshold, selection, text_len, text_first, scale):

@@ -461,14 +461,18 @@ def sparse_attention(q, k, v, pattern, ints, floats=(), scale=None, kx=None, vx=
 # dynamic (data-dependent) block tables: one table per batch*head, computed on every call
 # ---------------------------------------------------------------------------------------------
 
-def dynamic_tables(visit, full):
+def dynamic_tables(visit, full, static_width=False):
     """Per batch*head block tables from block-level bool matrices ``visit``/``full`` ``[BH, nQ, nK]``
-    (on the device): ``(kv_idx, kv_cnt, kv_full, q_idx, q_cnt, q_full)``, int32, rows padded to the
-    widest row over every batch*head (one host synchronisation)."""
+    (on the device): ``(kv_idx, kv_cnt, kv_full, q_idx, q_cnt, q_full)``, int32.  Rows are padded to the
+    widest row over every batch*head (one host synchronisation), or with ``static_width`` to the full
+    ``nK`` / ``nQ`` (shapes known from the inputs' shapes: no synchronisation, traceable)."""
 
     def rows(mat, fl):
         cnt = mat.sum(-1, dtype=torch.int32)
-        width = max(int(cnt.max()) if cnt.numel() else 0, 1)
+        if static_width:
+            width = mat.shape[-1]
+        else:
+            width = max(int(cnt.max()) if cnt.numel() else 0, 1)
         order = torch.argsort((~mat).to(torch.int8), dim=-1, stable=True)[..., :width]
         live = torch.arange(width, device=mat.device) < cnt[..., None]
         fl_rows = torch.gather(fl, -1, order) & live

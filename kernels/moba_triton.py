@@ -16,12 +16,15 @@ whether that query selected MoBA block ``c``.  Forward and backward are the core
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+from typing import List
 from dataclasses import dataclass
 
 import torch
 
-from .blocksparse import MODE_SELECT, BlockPlan, dynamic_tables, register_planner, sparse_attention_dynamic
+from .blocksparse import (MODE_SELECT, BlockPlan, dynamic_tables, register_planner, sparse_attn_dyn_bwd,
+                          sparse_attn_dyn_fwd)
 from .moba_ref import block_partition, image_slices, select_blocks
 from .tiling import _BIG, IMAGE, PAD, TEXT, TileLayout
 
@@ -149,15 +152,93 @@ def moba_tables(q, k, geo, part, topk, threshold, selection):
     return visit.view(B * H, nb, nb), full.view(B * H, nb, nb), bits.view(B * H, layout.num_slots, -1)
 
 
-def moba_triton(q, k, v, grid, block, topk, threshold, selection, text_len, text_first, scale, kblock=None):
-    """Mixture of block attention on the Triton core (validated arguments, see ``ops.moba_attention``).
-    ``kblock``: kernel block size (default :func:`kernel_block`)."""
-    grid = tuple(grid)
-    block = tuple(min(b, n) for b, n in zip(block, grid))
-    kblock = int(kblock or kernel_block(block, q.device))
+def table_sizes(grid, block, text_len, kblock):
+    """``(kernel blocks, slots, selection words)`` of a geometry, by arithmetic alone (for fake tensors).
+    ``block`` clamped to ``grid``."""
+    per_axis = []
+    for n, b in zip(grid, block):
+        sizes = {b: n // b}
+        if n % b:
+            sizes[n % b] = sizes.get(n % b, 0) + 1
+        per_axis.append(sizes.items())
+    n_img = 0
+    n_moba = 1
+    for n, b in zip(grid, block):
+        n_moba *= -(-n // b)
+    for combo in itertools.product(*per_axis):
+        size = math.prod(s for s, _ in combo)
+        count = math.prod(c for _, c in combo)
+        n_img += count * -(-size // kblock)
+    nb = n_img + -(-text_len // kblock)
+    return nb, nb * kblock, -(-n_moba // 32)
+
+
+_SELECTION_CODES = {"query": 0, "tile": 1, "head": 2}
+
+
+def _params(ints):
+    nd = ints[0]
+    grid, block = tuple(ints[1:1 + nd]), tuple(ints[1 + nd:1 + 2 * nd])
+    text_len, text_first, topk, selection, kblock = ints[1 + 2 * nd:]
+    return grid, block, text_len, bool(text_first), (topk if topk > 0 else None), \
+        list(_SELECTION_CODES)[selection], kblock
+
+
+@torch.library.custom_op("diffaccel::moba_attn_fwd", mutates_args=())
+def moba_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ints: List[int], threshold: float,
+                  scale: float) -> List[torch.Tensor]:
+    """Gate, selection, block tables and block-sparse attention in one opaque op:
+    ``[out, lse, kv_idx, kv_cnt, kv_full, q_idx, q_cnt, q_full, bits]`` (the tables are kept for the
+    backward).  ``ints``: ``[ndim, *grid, *block, text_len, text_first, topk (0: threshold), selection
+    code, kernel block]``."""
+    grid, block, text_len, text_first, topk, selection, kblock = _params(ints)
     part = block_partition(grid, block, q.device)
-    geo = moba_geometry(grid, block, int(text_len), bool(text_first), kblock, str(q.device))
-    visit, full, bits = moba_tables(q, k, geo, part, topk, threshold, selection)
-    tables = dynamic_tables(visit, full)
-    return sparse_attention_dynamic(q, k, v, "moba", _encode(grid, block, text_len, text_first), tables, bits,
-                                    scale=scale, block=kblock)
+    geo = moba_geometry(grid, block, text_len, text_first, kblock, str(q.device))
+    visit, full, bits = moba_tables(q, k, geo, part, topk, None if topk else threshold, selection)
+    tables = dynamic_tables(visit, full, static_width=True)
+    out, lse = sparse_attn_dyn_fwd(q, k, v, *tables, bits, "moba", _encode(grid, block, text_len, text_first), [],
+                                   scale, kblock)
+    return [out, lse, *tables, bits]
+
+
+@moba_attn_fwd.register_fake
+def _(q, k, v, ints, threshold, scale):
+    grid, block, text_len, text_first, topk, selection, kblock = _params(ints)
+    B, S, H, D = q.shape
+    nb, slots, words = table_sizes(grid, block, text_len, kblock)
+    BH = B * H
+
+    def i32(*shape):
+        return q.new_empty(shape, dtype=torch.int32)
+
+    tables = [i32(BH, nb, nb), i32(BH, nb), i32(BH, nb, nb), i32(BH, nb, nb), i32(BH, nb), i32(BH, nb, nb)]
+    return [torch.empty_like(q), q.new_empty((B, H, S), dtype=torch.float32), *tables, i32(BH, slots, words)]
+
+
+def _moba_setup_context(ctx, inputs, output):
+    q, k, v, ints, threshold, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    grid, block, text_len, text_first, _, _, kblock = _params(ints)
+    ctx.args = ("moba", _encode(grid, block, text_len, text_first), [], scale, kblock)
+
+
+def _moba_backward(ctx, grads):
+    q, k, v, o, lse, *tables = ctx.saved_tensors
+    dq, dk, dv = sparse_attn_dyn_bwd(grads[0], q, k, v, o, lse, *tables, *ctx.args)
+    return dq, dk, dv, None, None, None
+
+
+moba_attn_fwd.register_autograd(_moba_backward, setup_context=_moba_setup_context)
+
+
+def moba_triton(q, k, v, grid, block, topk, threshold, selection, text_len, text_first, scale, kblock=None):
+    """Mixture of block attention on the Triton core (validated arguments, see ``ops.moba_attention``):
+    one custom op (:func:`moba_attn_fwd`), so ``torch.compile(fullgraph=True)`` sees no graph break.
+    ``kblock``: kernel block size (default :func:`kernel_block`)."""
+    grid = tuple(int(g) for g in grid)
+    block = tuple(min(int(b), n) for b, n in zip(block, grid))
+    kblock = int(kblock or kernel_block(block, q.device))
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    ints = [len(grid), *grid, *block, int(text_len), int(bool(text_first)), int(topk or 0),
+            _SELECTION_CODES[selection], kblock]
+    return moba_attn_fwd(q, k, v, ints, float(threshold if threshold is not None else -1.0), scale)[0]

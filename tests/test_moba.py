@@ -12,7 +12,7 @@ import torch
 from diffaccel import ops
 from diffaccel.kernels.moba_ref import block_partition, moba_mask, moba_reference, moba_select, select_blocks
 from diffaccel.kernels.moba_torch import moba_torch
-from diffaccel.kernels.moba_triton import moba_geometry, moba_tables, moba_triton, pack_bits
+from diffaccel.kernels.moba_triton import moba_geometry, moba_tables, moba_triton, pack_bits, table_sizes
 
 
 def _qkv(b, s, h, d, dtype=torch.float32, grad=False, seed=0):
@@ -287,6 +287,32 @@ def test_triton_tables_cover_the_selection_and_mark_full_blocks():
     visit_t, full_t, _ = moba_tables(q, k, geo, part, 2, None, "tile")
     assert torch.equal(visit_t, full_t)
     assert int(visit_t.sum(-1).max()) == 2
+
+
+@pytest.mark.parametrize("grid,block,text_len,kblock", [((23,), (5,), 0, 16), ((6, 7), (3, 4), 3, 16),
+                                                        ((3, 9, 10), (2, 4, 3), 20, 8), ((5, 40), (5, 40), 0, 64)])
+def test_table_sizes_match_the_geometry(grid, block, text_len, kblock):
+    geo = moba_geometry(grid, block, text_len, True, kblock, "cpu")
+    nb, slots, words = table_sizes(grid, block, text_len, kblock)
+    assert (nb, slots, words) == (geo.layout.n_blocks, geo.layout.num_slots,
+                                  (block_partition(grid, block).n_blocks + 31) // 32)
+
+
+def test_triton_compiles_fullgraph_forward_and_backward():
+    """The gate, selection, tables and kernel are one custom op: no graph break, same values and grads."""
+    grid, block = (2, 4, 6), (1, 2, 3)
+    q, k, v = _qkv(1, 48 + 5, 2, 16, grad=True, seed=9)
+
+    def f(q, k, v):
+        return ops.moba_attention(q, k, v, grid, block, topk=3, text_len=5, backend="triton") * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    ref = f(q, k, v)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b)
 
 
 def test_pack_bits():

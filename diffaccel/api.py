@@ -67,7 +67,8 @@ def apply(pipe_or_model, method: str, *, layers=None, **options):
         pipe_or_model: a ``DiffusionPipeline`` (its ``unet`` / ``transformer*`` are
             patched) or a denoiser model (``UNet2DConditionModel``,
             ``FluxTransformer2DModel``, ``SD3Transformer2DModel``,
-            ``WanTransformer3DModel``).  Anything else: ``ValueError`` naming it.
+            ``WanTransformer3DModel``, ``HunyuanVideoTransformer3DModel``,
+            ``CogVideoXTransformer3DModel``).  Anything else: ``ValueError`` naming it.
         method: a registered method name (``diffaccel.registry.available_methods()``),
             e.g. ``"neighborhood"``.
         layers: ``None`` (every self-attention layer of the family, see

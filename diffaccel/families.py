@@ -14,6 +14,20 @@ family     model class                 self-attention layers patched
                                        cross-attention ``attn2`` untouched
 =========  ==========================  ===============================================
 
+=================  ==================================  =======================================
+family             model class                         self-attention layers patched
+=================  ==================================  =======================================
+``hunyuan_video``  ``HunyuanVideoTransformer3DModel``  ``attn`` of the dual-stream
+                                                       ``transformer_blocks`` ([video; text],
+                                                       padded text keys masked) and of the
+                                                       ``single_transformer_blocks`` (the
+                                                       joined sequence); the text-only
+                                                       token-refiner attention
+                                                       (``context_embedder...attn``) untouched
+``cogvideox``      ``CogVideoXTransformer3DModel``     ``attn1`` of every block ([text; video],
+                                                       CogVideoX 1.0 and 1.5)
+=================  ==================================  =======================================
+
 Adding a family touches this table (``_FAMILIES``), a layout rule in
 ``diffaccel.layout`` and a processor in ``diffaccel.processors``.
 """
@@ -29,6 +43,8 @@ _FAMILIES = {
     "flux": ("FluxTransformer2DModel", ("FluxAttnProcessor",)),
     "sd3": ("SD3Transformer2DModel", ("JointAttnProcessor2_0",)),
     "wan": ("WanTransformer3DModel", ("WanAttnProcessor",)),
+    "hunyuan_video": ("HunyuanVideoTransformer3DModel", ("HunyuanVideoAttnProcessor2_0",)),
+    "cogvideox": ("CogVideoXTransformer3DModel", ("CogVideoXAttnProcessor2_0",)),
 }
 FAMILIES = tuple(_FAMILIES)
 
@@ -67,6 +83,12 @@ def _is_self_attention(family, name, module) -> bool:
     if family == "sd3":
         return leaf in ("attn", "attn2")
     if family == "wan":
+        return leaf == "attn1" and not getattr(module, "is_cross_attention", False)
+    if family == "hunyuan_video":
+        # dual- and single-stream blocks; the token refiner's text-only attention
+        # (context_embedder.token_refiner.refiner_blocks.*.attn) is not a video self-attention
+        return leaf == "attn" and name.split(".", 1)[0] in ("transformer_blocks", "single_transformer_blocks")
+    if family == "cogvideox":
         return leaf == "attn1" and not getattr(module, "is_cross_attention", False)
     raise ValueError(f"unknown model family {family!r}; known: {FAMILIES}")
 

@@ -22,6 +22,14 @@ diffaccel records it from the denoiser's own inputs:
     tokens are not); ``text_len`` from ``encoder_hidden_states``.
   - ``"sd3"``: ``hidden_states`` ``[B, C, H, W]`` / ``patch_size``.
   - ``"wan"``: ``hidden_states`` ``[B, C, F, H, W]`` / ``patch_size`` ``(pt, ph, pw)``.
+  - ``"hunyuan_video"``: ``hidden_states`` ``[B, C, F, H, W]`` /
+    ``(patch_size_t, patch_size, patch_size)``; ``text_len`` from ``encoder_hidden_states``
+    (padded text tokens are handled per call from the attention mask, see
+    ``HunyuanVideoProcessor``).
+  - ``"cogvideox"``: ``hidden_states`` ``[B, F, C, H, W]`` (frames before channels):
+    CogVideoX 1.0 (``patch_size_t=None``) ``(F, H/p, W/p)``; CogVideoX 1.5 groups
+    ``patch_size_t`` latent frames per token: ``(F/p_t, H/p, W/p)``; ``text_len`` from
+    ``encoder_hidden_states``.
 
   The layout does not depend on the batch, so batched and classifier-free
   guidance calls work, and every resolution / aspect ratio is found anew on
@@ -215,6 +223,31 @@ def _wan_layout(model, get):
     return Layout(((f // pt, h // ph, w // pw),))
 
 
+def _text_len(get):
+    ehs = get("encoder_hidden_states")
+    return 0 if ehs is None else int(ehs.shape[1])
+
+
+def _hunyuan_video_layout(model, get):
+    hs = get("hidden_states")
+    if hs is None or hs.dim() != 5:
+        raise LayoutError("HunyuanVideo layout: expected hidden_states of shape [B, C, F, H, W]")
+    p, pt = int(model.config.patch_size), int(model.config.patch_size_t)
+    f, h, w = (int(x) for x in hs.shape[-3:])
+    return Layout(((f // pt, h // p, w // p),), text_len=_text_len(get))
+
+
+def _cogvideox_layout(model, get):
+    hs = get("hidden_states")
+    if hs is None or hs.dim() != 5:
+        raise LayoutError("CogVideoX layout: expected hidden_states of shape [B, F, C, H, W]")
+    p = int(model.config.patch_size)
+    pt = model.config.patch_size_t  # None: CogVideoX 1.0 (one latent frame per token); 1.5: frames grouped
+    f, h, w = int(hs.shape[1]), int(hs.shape[3]), int(hs.shape[4])
+    t = f if pt is None else f // int(pt)
+    return Layout(((t, h // p, w // p),), text_len=_text_len(get))
+
+
 def layout_fn(family: str):
     """A callable ``(model, get) -> Layout`` for ``family``; ``get(name)`` returns a forward argument."""
     if family == "unet":
@@ -225,6 +258,10 @@ def layout_fn(family: str):
         return _sd3_layout
     if family == "wan":
         return _wan_layout
+    if family == "hunyuan_video":
+        return _hunyuan_video_layout
+    if family == "cogvideox":
+        return _cogvideox_layout
     raise LayoutError(f"no layout rule for model family {family!r}")
 
 

@@ -13,20 +13,23 @@ video token grid of the call (plain ints), ``text_len`` the number of text
 tokens joined to it, before (``text_first=True``, FLUX) or after (SD3) the
 image tokens.
 
-=====================  =========================  =========================================
-processor              mirrors                    core sees
-=====================  =========================  =========================================
-:class:`UNetProcessor` ``AttnProcessor2_0``       self-attention (``attn1``): image tokens
-:class:`FluxProcessor` ``FluxAttnProcessor``      [text; image] (double- and single-stream)
-:class:`SD3Processor`  ``JointAttnProcessor2_0``  [image; text] (``attn``); image (``attn2``)
-:class:`WanProcessor`  ``WanAttnProcessor``       video self-attention (``attn1``)
-=====================  =========================  =========================================
+===============================  ================================  ==========================================
+processor                        mirrors                           core sees
+===============================  ================================  ==========================================
+:class:`UNetProcessor`           ``AttnProcessor2_0``              self-attention (``attn1``): image tokens
+:class:`FluxProcessor`           ``FluxAttnProcessor``             [text; image] (double- and single-stream)
+:class:`SD3Processor`            ``JointAttnProcessor2_0``         [image; text] (``attn``); image (``attn2``)
+:class:`WanProcessor`            ``WanAttnProcessor``              video self-attention (``attn1``)
+:class:`HunyuanVideoProcessor`   ``HunyuanVideoAttnProcessor2_0``  [video; text] (dual- and single-stream);
+                                                                   padded text keys dropped per batch element
+:class:`CogVideoXProcessor`      ``CogVideoXAttnProcessor2_0``     [text; video] (``attn1``)
+===============================  ================================  ==========================================
 
 **Where the grid comes from.**  A processor needs the token layout of each
 call (see ``diffaccel.layout``).  In order of precedence:
 
 1. an explicit ``grid=`` given to the processor (``(H, W)``, or ``(T, H, W)``
-   for Wan): every call of a layer using it must then hold exactly that grid
+   for the video families): every call of a layer using it must then hold exactly that grid
    (for FLUX single-stream blocks the text length is the remaining tokens);
 2. the layout tracker of the model it runs in: ``diffaccel.apply`` installs
    it; when you set processors yourself with ``model.set_attn_processor(...)``
@@ -41,7 +44,10 @@ explaining this; a grid is never guessed.
 self-attention: a call with ``encoder_hidden_states`` (cross-attention, e.g.
 when one processor is set on every layer with ``set_attn_processor``) runs the
 stock processor unchanged.  A self-attention call with an ``attention_mask``
-raises ``ValueError``: the patterns cannot honour arbitrary masks.
+raises ``ValueError``: the patterns cannot honour arbitrary masks.  The one
+exception is HunyuanVideo's own text-padding mask (video tokens and a prefix of
+the text tokens valid per batch element), which :class:`HunyuanVideoProcessor`
+reproduces exactly.
 
 Processors are ``torch.nn.Module`` s (``attn.processor`` is then a submodule,
 so trainable pattern parameters are saved as ``...attn.processor.<name>``);
@@ -65,6 +71,8 @@ __all__ = [
     "FluxProcessor",
     "SD3Processor",
     "WanProcessor",
+    "HunyuanVideoProcessor",
+    "CogVideoXProcessor",
     "PROCESSORS",
     "make_processor",
     "swap_processors",
@@ -435,7 +443,242 @@ class WanProcessor(PatternProcessor):
         return hidden_states
 
 
-PROCESSORS = {"unet": UNetProcessor, "flux": FluxProcessor, "sd3": SD3Processor, "wan": WanProcessor}
+# ---------------------------------------------------------------------------------------------
+# HunyuanVideoTransformer3DModel: mirrors HunyuanVideoAttnProcessor2_0
+
+
+def _sdpa(q, k, v):
+    """Dense attention on ``[B, S, H, D]`` tensors (q and k/v may differ in length)."""
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def text_padding_lengths(attention_mask, batch_size: int, n_image: int, n_text: int, cls: str = "processor"):
+    """Valid text lengths of a [video; text] key-padding mask, as HunyuanVideo builds it.
+
+    ``attention_mask`` is a boolean ``[B, 1, 1, N]`` (or ``[B, N]``; batch 1 broadcasts) mask over
+    the ``N = n_image + n_text`` keys: every video token valid and, per batch element, a prefix of
+    the text tokens.  Returns ``None`` when there is no mask or every text token is valid, else
+    the list of valid text lengths (one per batch element).  Anything else is a ``ValueError``
+    naming ``attention_mask``.
+    """
+    if attention_mask is None:
+        return None
+    n = n_image + n_text
+
+    def bad(why):
+        return ValueError(
+            f"{cls}: attention_mask {why}; diffaccel honours only HunyuanVideo's text-padding mask: a boolean "
+            f"[B, 1, 1, {n}] key mask keeping every video token and a prefix of the text tokens of each batch "
+            "element (as HunyuanVideoTransformer3DModel builds it from encoder_attention_mask)"
+        )
+
+    if not isinstance(attention_mask, torch.Tensor):
+        raise bad(f"must be a torch.Tensor, got {type(attention_mask).__name__}")
+    if attention_mask.dtype != torch.bool:
+        raise bad(f"must be boolean, got dtype {attention_mask.dtype}")
+    shape = tuple(attention_mask.shape)
+    if (
+        len(shape) < 2
+        or shape[-1] != n
+        or shape[0] not in (1, batch_size)
+        or any(d != 1 for d in shape[1:-1])
+    ):
+        raise bad(f"has shape {shape}, expected [{batch_size}, 1, 1, {n}] (a mask over keys only)")
+    m = attention_mask.reshape(shape[0], n)
+    text = m[:, n_image:]
+    lengths = text.sum(dim=1)
+    prefix = torch.arange(n_text, device=m.device)[None, :] < lengths[:, None]
+    if not bool(m[:, :n_image].all()):
+        raise bad("masks video tokens")
+    if not torch.equal(text, prefix):
+        raise bad("is not a prefix of valid text tokens followed by padding")
+    lengths = [int(x) for x in lengths.tolist()]
+    if len(lengths) == 1:
+        lengths = lengths * batch_size
+    if all(x == n_text for x in lengths):
+        return None
+    return lengths
+
+
+class HunyuanVideoProcessor(PatternProcessor):
+    """Attention of ``HunyuanVideoTransformer3DModel``, mirroring ``HunyuanVideoAttnProcessor2_0``:
+    dual-stream blocks (text projected by ``add_*_proj``) and single-stream blocks (text joined
+    before the projections) both attend over [video; text] (``text_first=False``), RoPE on the
+    video tokens only; the grid is ``(T, H, W)``.
+
+    **Padded text.**  The model masks padded text *keys* (``attention_mask`` ``[B, 1, 1, N]``,
+    valid text = a prefix).  When every text token is valid the core sees the whole sequence;
+    otherwise each group of batch elements with the same valid text length ``L`` is handled
+    apart: the core runs on [video; first ``L`` text tokens], and the padded text queries get
+    what the stock processor gives them, dense attention over the valid keys.  Any other mask is
+    a ``ValueError`` naming ``attention_mask``.
+
+    A call without ``encoder_hidden_states`` is the text-only token refiner (when one processor
+    object is set on every layer with ``set_attn_processor``): it runs the refiner's stock
+    ``AttnProcessor2_0`` unchanged.
+    """
+
+    family = "hunyuan_video"
+    grid_ndim = 3
+    _stock = None
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if encoder_hidden_states is None:
+            if HunyuanVideoProcessor._stock is None:
+                from diffusers.models.attention_processor import AttnProcessor2_0
+
+                HunyuanVideoProcessor._stock = AttnProcessor2_0()
+            return HunyuanVideoProcessor._stock(attn, hidden_states, None, attention_mask)
+
+        n_image, n_text = hidden_states.shape[1], encoder_hidden_states.shape[1]
+        grid = self.image_grid(n_image)
+        lengths = text_padding_lengths(attention_mask, hidden_states.shape[0], n_image, n_text, type(self).__name__)
+        joint = attn.add_q_proj is not None  # dual-stream: text has its own projections
+
+        if not joint:
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if image_rotary_emb is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            if not joint:  # rotate the video tokens of the joined sequence only
+                query = torch.cat(
+                    [apply_rotary_emb(query[:, :n_image], image_rotary_emb, sequence_dim=1), query[:, n_image:]], dim=1
+                )
+                key = torch.cat(
+                    [apply_rotary_emb(key[:, :n_image], image_rotary_emb, sequence_dim=1), key[:, n_image:]], dim=1
+                )
+            else:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        if joint:
+            encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            if attn.norm_added_q is not None:
+                encoder_query = attn.norm_added_q(encoder_query)
+            if attn.norm_added_k is not None:
+                encoder_key = attn.norm_added_k(encoder_key)
+            query = torch.cat([query, encoder_query], dim=1)
+            key = torch.cat([key, encoder_key], dim=1)
+            value = torch.cat([value, encoder_value], dim=1)
+
+        hidden_states = self.attend_padded(query, key, value, grid=grid, text_len=n_text, valid_text=lengths)
+        hidden_states = hidden_states.flatten(2, 3)
+        hidden_states = hidden_states.to(query.dtype)
+
+        hidden_states, encoder_hidden_states = hidden_states[:, :n_image], hidden_states[:, n_image:]
+        if getattr(attn, "to_out", None) is not None:
+            hidden_states = attn.to_out[0](hidden_states)
+            hidden_states = attn.to_out[1](hidden_states)
+        if getattr(attn, "to_add_out", None) is not None:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
+
+    def attend_padded(self, q, k, v, *, grid, text_len, valid_text):
+        """[video; text] attention where batch element ``b`` has ``valid_text[b]`` valid text tokens
+        (a prefix; ``None`` = all).  Padded text keys are invisible to every query; padded text
+        queries attend densely to the valid keys (as under the stock processor's key mask)."""
+        if valid_text is None:
+            return self.attend(q, k, v, grid=grid, text_len=text_len, text_first=False)
+        n_image, total = math.prod(grid), q.shape[1]
+        groups = {}
+        for b, n_valid in enumerate(valid_text):
+            groups.setdefault(n_valid, []).append(b)
+        outs, order = [], []
+        for n_valid, idx in groups.items():
+            if len(groups) == 1:
+                qg, kg, vg = q, k, v
+            else:
+                ix = torch.tensor(idx, device=q.device)
+                qg, kg, vg = q.index_select(0, ix), k.index_select(0, ix), v.index_select(0, ix)
+            n = n_image + n_valid
+            kv, vv = kg[:, :n], vg[:, :n]
+            out = self.attend(qg[:, :n], kv, vv, grid=grid, text_len=n_valid, text_first=False)
+            if n < total:  # padded text queries: dense over the valid keys
+                out = torch.cat([out, _sdpa(qg[:, n:], kv, vv).to(out.dtype)], dim=1)
+            outs.append(out)
+            order.extend(idx)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        if order != sorted(order):
+            inverse = torch.empty(len(order), dtype=torch.long)
+            inverse[torch.tensor(order)] = torch.arange(len(order))
+            out = out.index_select(0, inverse.to(out.device))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CogVideoXTransformer3DModel: mirrors CogVideoXAttnProcessor2_0
+
+
+class CogVideoXProcessor(PatternProcessor):
+    """Self-attention ``attn1`` of ``CogVideoXTransformer3DModel`` (1.0 and 1.5), mirroring
+    ``CogVideoXAttnProcessor2_0``: [text; video] joined by the processor (``text_first=True``),
+    RoPE on the video tokens when given; the grid is ``(T, H, W)`` (see ``diffaccel.layout``).
+    (The model passes no ``attention_mask``; one given through ``attention_kwargs`` is rejected.)"""
+
+    family = "cogvideox"
+    grid_ndim = 3
+
+    def forward(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        _no_mask(attention_mask, type(self).__name__)
+        text_seq_length = encoder_hidden_states.size(1)
+        grid = self.image_grid(hidden_states.shape[1])
+
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        batch_size = hidden_states.shape[0]
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if image_rotary_emb is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            t = text_seq_length
+            query = torch.cat([query[:, :, :t], apply_rotary_emb(query[:, :, t:], image_rotary_emb)], dim=2)
+            if not attn.is_cross_attention:
+                key = torch.cat([key[:, :, :t], apply_rotary_emb(key[:, :, t:], image_rotary_emb)], dim=2)
+
+        hidden_states = self.attend(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            grid=grid, text_len=text_seq_length, text_first=True,
+        )
+        hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * head_dim)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+
+        encoder_hidden_states, hidden_states = hidden_states.split(
+            [text_seq_length, hidden_states.size(1) - text_seq_length], dim=1
+        )
+        return hidden_states, encoder_hidden_states
+
+
+PROCESSORS = {"unet": UNetProcessor, "flux": FluxProcessor, "sd3": SD3Processor, "wan": WanProcessor,
+              "hunyuan_video": HunyuanVideoProcessor, "cogvideox": CogVideoXProcessor}
 
 
 def make_processor(family: str, core, *, grid=None) -> PatternProcessor:

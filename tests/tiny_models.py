@@ -202,3 +202,117 @@ def _pipeline_cls():
 
 def tiny_pipeline(unet=None, transformer=None):
     return _pipeline_cls()(unet=unet, transformer=transformer)
+
+
+# --- video families added later: HunyuanVideo and CogVideoX -----------------------------------
+
+HUNYUAN_VIDEO_CONFIG = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=12,
+    num_layers=1,
+    num_single_layers=1,
+    num_refiner_layers=1,
+    mlp_ratio=2.0,
+    patch_size=2,
+    patch_size_t=1,
+    guidance_embeds=False,
+    text_embed_dim=16,
+    pooled_projection_dim=8,
+    rope_axes_dim=(4, 4, 4),
+)
+
+# CogVideoX 1.0 (CogVideoX-2b style: sin-cos positional embeddings, no RoPE, one latent frame per token);
+# the positional embedding fixes the text length to max_text_seq_length
+COGVIDEOX_CONFIG = dict(
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=4,
+    out_channels=4,
+    time_embed_dim=16,
+    text_embed_dim=16,
+    num_layers=2,
+    sample_width=8,
+    sample_height=8,
+    sample_frames=5,
+    patch_size=2,
+    temporal_compression_ratio=4,
+    max_text_seq_length=5,
+)
+
+# CogVideoX 1.5 style: RoPE (passed in by the caller, as the pipeline does), patch_size_t=2 groups frames
+COGVIDEOX15_CONFIG = dict(
+    COGVIDEOX_CONFIG,
+    patch_size_t=2,
+    use_rotary_positional_embeddings=True,
+)
+
+
+def tiny_hunyuan_video(seed=0, **overrides):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    return _build(HunyuanVideoTransformer3DModel, {**HUNYUAN_VIDEO_CONFIG, **overrides}, seed)
+
+
+def tiny_cogvideox(seed=0, **overrides):
+    from diffusers import CogVideoXTransformer3DModel
+
+    return _build(CogVideoXTransformer3DModel, {**COGVIDEOX_CONFIG, **overrides}, seed)
+
+
+def tiny_cogvideox15(seed=0, **overrides):
+    return tiny_cogvideox(seed, **{**COGVIDEOX15_CONFIG, **overrides})
+
+
+def hunyuan_video_inputs(model, frames=2, height=8, width=8, batch=1, text_len=5, valid_text=None, seed=0):
+    """``hidden_states`` ``[B, C, frames, height, width]`` (tokens ``frames x height//2 x width//2``);
+    ``valid_text``: per batch element, how many leading text tokens are valid
+    (``encoder_attention_mask`` is 1 for those, 0 for the padding after them); default all."""
+    g = _gen(seed)
+    c = model.config
+    mask = torch.ones(batch, text_len)
+    if valid_text is not None:
+        for b, n in enumerate(valid_text):
+            mask[b, n:] = 0
+    return dict(
+        hidden_states=torch.randn(batch, c.in_channels, frames, height, width, generator=g),
+        timestep=torch.full((batch,), 10.0),
+        encoder_hidden_states=torch.randn(batch, text_len, c.text_embed_dim, generator=g),
+        encoder_attention_mask=mask,
+        pooled_projections=torch.randn(batch, c.pooled_projection_dim, generator=g),
+    )
+
+
+def cogvideox_rope(model, frames, height, width, seed=0):
+    """A ``(cos, sin)`` rotary embedding for the video tokens of a CogVideoX call, each ``[S, head_dim]``
+    (random angles, the layout ``apply_rotary_emb`` expects; the pipeline computes real ones)."""
+    c = model.config
+    p, pt = c.patch_size, c.patch_size_t or 1
+    n = (frames // pt) * (height // p) * (width // p)
+    angles = torch.rand(n, c.attention_head_dim // 2, generator=_gen(seed + 1)) * 6.0
+    angles = angles.repeat_interleave(2, dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def cogvideox_inputs(model, frames=2, height=8, width=8, batch=1, text_len=None, seed=0):
+    """``hidden_states`` ``[B, frames, C, height, width]`` (frames before channels, as CogVideoX takes
+    them); tokens ``(frames / patch_size_t) x height//2 x width//2``.  Models with RoPE get
+    ``image_rotary_emb`` from :func:`cogvideox_rope`."""
+    g = _gen(seed)
+    c = model.config
+    text_len = c.max_text_seq_length if text_len is None else text_len
+    inputs = dict(
+        hidden_states=torch.randn(batch, frames, c.in_channels, height, width, generator=g),
+        encoder_hidden_states=torch.randn(batch, text_len, c.text_embed_dim, generator=g),
+        timestep=torch.full((batch,), 10.0),
+    )
+    if c.use_rotary_positional_embeddings:
+        inputs["image_rotary_emb"] = cogvideox_rope(model, frames, height, width, seed)
+    return inputs
+
+
+TINY.update({
+    "hunyuan_video": (tiny_hunyuan_video, hunyuan_video_inputs),
+    "cogvideox": (tiny_cogvideox, cogvideox_inputs),
+})

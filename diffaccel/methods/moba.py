@@ -14,7 +14,7 @@ Options (``MobaOptions``):
 
 * ``block`` or ``partitions`` (exactly one): the block size per axis; ``partitions`` is a list of
   blocks cycled by layer (layer ``i`` uses ``partitions[i % len(partitions)]``, ``i`` counting the
-  patched layers in model order).  A ``None`` entry means "the whole axis": for Wan, temporal (1D)
+  patched layers in model order).  A ``None`` entry means "the whole axis": for video, temporal (1D)
   blocks are ``(bt, None, None)``, spatial (2D) ``(1, bh, bw)`` or VMoBA's all-frames
   ``(None, bh, bw)``, spatio-temporal (3D) ``(bt, bh, bw)``.
 * ``topk`` or ``threshold`` (exactly one), ``selection``: see ``ops.moba_attention``.
@@ -32,7 +32,8 @@ Options (``MobaOptions``):
   (e.g. ``"blocks.0.attn1"``).  They keep their place in the partition cycle.
 * ``backend``: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA, else torch).
 
-Families: ``wan`` (3-axis grids), ``flux``, ``sd3``, ``unet`` (2-axis grids).
+Families: ``wan``, ``hunyuan_video``, ``cogvideox`` (3-axis ``(T, H, W)`` grids; for CogVideoX 1.5
+``T`` counts groups of ``patch_size_t`` latent frames), ``flux``, ``sd3``, ``unet`` (2-axis grids).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ from ..registry import Method, register_method
 
 __all__ = ["MobaOptions", "MobaCore", "StepCounter", "install", "reset_steps"]
 
-_GRID_NDIM = {"wan": 3, "flux": 2, "sd3": 2, "unet": 2}
+_GRID_NDIM = {"wan": 3, "hunyuan_video": 3, "cogvideox": 3, "flux": 2, "sd3": 2, "unet": 2}
 
 
 def _check_block(name, value):

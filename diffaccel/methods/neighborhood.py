@@ -3,7 +3,10 @@
 (see ``diffaccel.ops.neighborhood_attention``).  Text tokens keep full attention.
 
     diffaccel.apply(pipe, "neighborhood", kernel_size=(13, 13))              # images
-    diffaccel.apply(pipe, "neighborhood", kernel_size=(5, 13, 13), stride=1)  # Wan video, (T, H, W)
+    diffaccel.apply(pipe, "neighborhood", kernel_size=(5, 13, 13), stride=1)  # video, (T, H, W)
+
+Families: ``unet``, ``flux``, ``sd3`` ((H, W) grids); ``wan``, ``hunyuan_video``, ``cogvideox``
+((T, H, W) grids).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from .._validate import BACKENDS
 from ..processors import make_processor, swap_processors
 from ..registry import Method, register_method
 
-_GRID_NDIM = {"unet": 2, "flux": 2, "sd3": 2, "wan": 3}
+_GRID_NDIM = {"unet": 2, "flux": 2, "sd3": 2, "wan": 3, "hunyuan_video": 3, "cogvideox": 3}
 
 
 def _check_axes(name, value):
@@ -36,7 +39,8 @@ class NeighborhoodOptions:
     """Options of the "neighborhood" method.
 
     kernel_size: window size; an int applies to every grid axis, 2 values to
-        (H, W) grids, 3 values to Wan's (T, H, W) grids.  A window larger than
+        (H, W) grids, 3 values to the (T, H, W) grids of the video families
+        (Wan, HunyuanVideo, CogVideoX).  A window larger than
         an axis covers the whole axis.
     dilation, stride: the same forms; ``stride == kernel_size`` gives blocked
         (Swin-style) windows.
@@ -50,7 +54,7 @@ class NeighborhoodOptions:
 
     def __post_init__(self):
         if self.kernel_size is None:
-            raise ValueError("kernel_size is required, e.g. kernel_size=(13, 13) (or 3 values for Wan video)")
+            raise ValueError("kernel_size is required, e.g. kernel_size=(13, 13) (or 3 values for video)")
         self.kernel_size = _check_axes("kernel_size", self.kernel_size)
         self.dilation = _check_axes("dilation", self.dilation)
         self.stride = _check_axes("stride", self.stride)

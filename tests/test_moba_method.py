@@ -4,7 +4,8 @@ import torch
 
 import diffaccel
 from diffaccel.methods.moba import MobaCore, reset_steps
-from tiny_models import flux_inputs, run, tiny_flux, tiny_pipeline, tiny_unet, tiny_wan, unet_inputs, wan_inputs
+from tiny_models import (flux_inputs, run, sd3_inputs, tiny_flux, tiny_pipeline, tiny_sd3, tiny_unet, tiny_wan,
+                         unet_inputs, wan_inputs)
 
 
 def _cores(model):
@@ -64,6 +65,30 @@ def test_flux_2d_blocks(backend):
         assert torch.isfinite(out).all()
     finally:
         diffaccel.remove(flux)
+
+
+@pytest.mark.parametrize("family,backend", [("sd3", "torch"), ("sd3", "triton"), ("unet", "torch")])
+def test_sd3_and_unet_2d_blocks(family, backend):
+    """SD3 (joint [image; text] attn and SD3.5's image-only attn2) and the UNet (every level): blocks
+    covering the grid reproduce the model, top-1 changes it, and another size works."""
+    model, inputs = (tiny_sd3(), sd3_inputs) if family == "sd3" else (tiny_unet(), unet_inputs)
+    size = (12, 16) if family == "sd3" else (8, 16)  # SD3: a (6, 8) token grid; UNet: (8, 16) and (4, 8)
+    inp = inputs(model, height=size[0], width=size[1])
+    ref = run(model, inp)
+    diffaccel.apply(model, "moba", block=(2, 4), topk=100, backend=backend)
+    try:
+        torch.testing.assert_close(run(model, inp), ref, atol=1e-5, rtol=1e-5)
+    finally:
+        diffaccel.remove(model)
+    diffaccel.apply(model, "moba", block=(2, 4), topk=1, backend=backend)
+    try:
+        assert (run(model, inp) - ref).abs().max() > 1e-4
+        other = inputs(model, height=size[0] - 2 if family == "sd3" else 16, width=size[1] - 6 if family == "sd3" else 8)
+        out = run(model, other)  # another size: partial border blocks
+        assert out.shape == other["hidden_states" if family == "sd3" else "sample"].shape and torch.isfinite(out).all()
+    finally:
+        diffaccel.remove(model)
+    assert torch.equal(run(model, inp), ref)
 
 
 def test_dense_steps_follow_the_timesteps(wan):

@@ -10,8 +10,10 @@ position) and a few of the best other blocks, and attends to every token of the 
 Selection rules (``topk`` or ``threshold``):
 
 * ``topk``: the own block plus the ``topk - 1`` best other blocks (``topk`` >= the number of
-  blocks keeps every block).  Exact ties are broken by ``torch.topk`` (every backend shares this
-  selection code, so they agree).
+  blocks keeps every block).  Exact ties of fp32 scores (degenerate inputs, e.g.
+  identical keys) are broken by ``torch.topk`` here and in the torch backend, by the lower block
+  number in the Triton gate kernel; the scores themselves may differ in the last bit between the
+  two (summation order), so near-ties can too.
 * ``threshold`` (VMoBA's cumulative rule): per decision unit the scores are min-max normalised
   across blocks (a range <= 1e-6 is treated as 1); with ``own`` the normalised own-block score,
   ``total`` the sum over blocks and ``eps = 1e-6``, the other blocks are taken best first

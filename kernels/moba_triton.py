@@ -5,8 +5,12 @@ Slot layout (static, cached per geometry): every MoBA block occupies its own run
 padded), MoBA blocks in row-major block order, then the text tokens.  So every kernel key block
 belongs to exactly one MoBA block, and every query tile to one own block.
 
-Per call (data-dependent, per batch*head): the gate and selection (``moba_ref.select_blocks``,
-torch ops, no gradient), then for every query tile the union of its queries' selected MoBA
+Per call (data-dependent, per batch*head): the gate and selection, no gradient.  Per-query
+selection (MoBA / VMoBA's rule) runs in the Triton gate kernel (``_moba_gate_kernel``: one program per
+query tile scores its queries against every block's mean key in fp32, picks the own block plus the
+top-k / threshold blocks in registers and writes the selection bits), so the ``[B, H, N, n_blocks]``
+gate is never materialised; tile and head selection use torch ops (``moba_ref.select_blocks``).  Then,
+for every query tile the union of its queries' selected MoBA
 blocks (kernel key blocks to visit) and their intersection (blocks every query selected: no
 element mask when the key block has no padding); text key blocks are visited by every tile, text
 query tiles visit everything.  The element test on partial entries (``MODE_SELECT``) reads a
@@ -22,10 +26,12 @@ from typing import List
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 from .blocksparse import (MODE_SELECT, BlockPlan, dynamic_tables, register_planner, sparse_attn_dyn_bwd,
                           sparse_attn_dyn_fwd)
-from .moba_ref import block_partition, image_slices, select_blocks
+from .moba_ref import block_means, block_partition, image_slices, select_blocks
 from .tiling import _BIG, IMAGE, PAD, TEXT, TileLayout
 
 # elements of the per-query selection [B, heads, N, n_blocks] handled at once
@@ -126,17 +132,135 @@ def moba_plan(ints, floats, block, device):
     return geo.layout, geo.plan
 
 
-def moba_tables(q, k, geo, part, topk, threshold, selection):
+# largest number of MoBA blocks the fused gate kernel handles (its scores row stays in registers)
+GATE_MAX_BLOCKS = 1024
+_GATE_ROWS = 16  # query slots per inner step of the gate kernel
+
+
+@triton.jit
+def _moba_gate_kernel(q_ptr, km_ptr, slot_token_ptr, slot_valid_ptr, kb_mb_ptr, bits_ptr, any_ptr, all_ptr,
+                      threshold, stride_qb, stride_qs, stride_qh, img_off, H, C, D, n_slots, n_words, n_tiles,
+                      TOPK: tl.constexpr, THRESH: tl.constexpr, KBLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Gate and per-query selection of one query tile (``KBLOCK`` image slots, all of one MoBA block) of
+    one batch*head: scores ``q . mean(k of block)`` in fp32, the own block plus the best others (top-k
+    or VMoBA's threshold rule; ties: lower block first), written as selection bits per slot and as the
+    union / intersection over the tile's valid queries."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    own = tl.load(kb_mb_ptr + tile)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    cmask = offs_c < C
+    km = tl.load(km_ptr + bh * C * D + offs_c[:, None] * D + offs_d[None, :],
+                 mask=cmask[:, None] & (offs_d[None, :] < D), other=0.0)
+    is_own = (offs_c == own)[None, :]
+    shift = offs_c % 32
+    any_acc = tl.zeros([BLOCK_C], dtype=tl.int32)
+    all_acc = tl.full([BLOCK_C], 1, dtype=tl.int32)
+    for r in tl.static_range(KBLOCK // BLOCK_M):
+        offs_m = tile * KBLOCK + r * BLOCK_M + tl.arange(0, BLOCK_M)
+        tok = tl.load(slot_token_ptr + offs_m)
+        valid = tl.load(slot_valid_ptr + offs_m) != 0
+        qt = tl.load(q_ptr + b * stride_qb + (img_off + tok)[:, None] * stride_qs + h * stride_qh + offs_d[None, :],
+                     mask=valid[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+        s = tl.dot(qt, tl.trans(km), input_precision="ieee")  # [BLOCK_M, BLOCK_C] fp32
+        sel = is_own & (offs_m >= 0)[:, None]
+        if THRESH:
+            lo = tl.min(tl.where(cmask[None, :], s, float("inf")), 1)
+            hi = tl.max(tl.where(cmask[None, :], s, float("-inf")), 1)
+            den = hi - lo
+            den = tl.where(den <= 1e-6, 1.0, den)
+            g = tl.where(cmask[None, :], (s - lo[:, None]) / den[:, None], 0.0)
+            own_val = tl.sum(tl.where(is_own, g, 0.0), 1)
+            total = tl.sum(g, 1) + 1e-6
+            remain = tl.maximum(threshold - own_val / total, 0.0)
+            work = tl.where(cmask[None, :] & ~is_own, g, float("-inf"))
+            cum = tl.zeros([BLOCK_M], dtype=tl.float32)
+            done = offs_m < 0
+            for _ in range(C - 1):
+                m = tl.max(work, 1)
+                idx = tl.min(tl.where(work == m[:, None], offs_c[None, :], BLOCK_C), 1)
+                take = (~done) & (m > float("-inf"))
+                hit = offs_c[None, :] == idx[:, None]
+                sel = sel | (hit & take[:, None])
+                work = tl.where(hit, float("-inf"), work)
+                cum += tl.where(take, m, 0.0)
+                done = done | (cum / total >= remain)
+        else:
+            work = tl.where(cmask[None, :] & ~is_own, s, float("-inf"))
+            for _ in range(TOPK - 1):
+                m = tl.max(work, 1)
+                idx = tl.min(tl.where(work == m[:, None], offs_c[None, :], BLOCK_C), 1)
+                hit = (offs_c[None, :] == idx[:, None]) & (m > float("-inf"))[:, None]
+                sel = sel | hit
+                work = tl.where(hit, float("-inf"), work)
+        sel = sel & cmask[None, :]
+        bitvals = tl.where(sel, 1 << shift[None, :], 0)
+        words = tl.sum(tl.reshape(bitvals, [BLOCK_M, BLOCK_C // 32, 32]), 2)
+        words = tl.where(valid[:, None], words, 0)
+        offs_w = tl.arange(0, BLOCK_C // 32)
+        tl.store(bits_ptr + bh * n_slots * n_words + offs_m[:, None] * n_words + offs_w[None, :], words,
+                 mask=offs_w[None, :] < n_words)
+        sel_i = sel.to(tl.int32)
+        any_acc = tl.maximum(any_acc, tl.max(tl.where(valid[:, None], sel_i, 0), 0))
+        all_acc = tl.minimum(all_acc, tl.min(tl.where(valid[:, None], sel_i, 1), 0))
+    base = (bh * n_tiles + tile) * C
+    tl.store(any_ptr + base + offs_c, any_acc.to(tl.int8), mask=cmask)
+    tl.store(all_ptr + base + offs_c, all_acc.to(tl.int8), mask=cmask)
+
+
+def _gate_fused(q, k, geo, part, topk, threshold):
+    """``(any_sel, all_sel, bits)`` of every image query tile from the fused Triton gate kernel:
+    bool ``[B, H, n_tiles, C]`` twice and int32 ``[B, H, slots, words]``."""
+    layout = geo.layout
+    B, _, H, D = q.shape
+    N, C = part.n_tokens, part.n_blocks
+    ni, kblock = geo.n_img_kb, layout.block
+    img, _ = image_slices(N, layout.text_len, layout.text_first)
+    kmean = block_means(k[:, img], part).contiguous()  # [B, H, C, D] fp32
+    words = (C + 31) // 32
+    bits = torch.zeros(B, H, layout.num_slots, words, dtype=torch.int32, device=q.device)
+    any_sel = torch.empty(B, H, ni, C, dtype=torch.int8, device=q.device)
+    all_sel = torch.empty_like(any_sel)
+    block_c = max(32, triton.next_power_of_2(C))
+    _moba_gate_kernel[(ni, B * H)](
+        q, kmean, geo.slot_token, geo.slot_valid.to(torch.int8), geo.kb_mb, bits, any_sel, all_sel,
+        float(threshold if threshold is not None else 0.0), q.stride(0), q.stride(1), q.stride(2), img.start,
+        H, C, D, layout.num_slots, words, ni,
+        TOPK=int(topk or 1), THRESH=threshold is not None, KBLOCK=kblock, BLOCK_M=min(_GATE_ROWS, kblock),
+        BLOCK_C=block_c, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        **({"num_warps": 4} if q.device.type == "cuda" else {}),
+    )
+    return any_sel.bool(), all_sel.bool(), bits
+
+
+def moba_tables(q, k, geo, part, topk, threshold, selection, fused=None):
     """Per batch*head block tables and selection bits of one call:
-    ``(visit, full)`` bool ``[B*H, n_blocks, n_blocks]`` and bits int32 ``[B*H, slots, words]``."""
+    ``(visit, full)`` bool ``[B*H, n_blocks, n_blocks]`` and bits int32 ``[B*H, slots, words]``.
+
+    ``fused`` (default: per-query selection with at most :data:`GATE_MAX_BLOCKS` blocks): gate and
+    selection in the Triton gate kernel, without materialising the ``[B, H, N, n_blocks]`` gate; else
+    torch ops (``moba_ref.select_blocks``)."""
     layout = geo.layout
     B, _, H, _ = q.shape
     N, C = part.n_tokens, part.n_blocks
     nb, ni, kblock = layout.n_blocks, geo.n_img_kb, layout.block
-    img, _ = image_slices(N, layout.text_len, layout.text_first)
     dense = layout.blk_dense
     visit = torch.ones(B, H, nb, nb, dtype=torch.bool, device=q.device)
     full = dense.expand(B, H, nb, nb).clone()
+    if fused is None:
+        fused = selection == "query" and C <= GATE_MAX_BLOCKS
+    if fused:
+        if selection != "query":
+            raise ValueError(f"the fused gate kernel makes per-query selections, not selection={selection!r}")
+        any_sel, all_sel, bits = _gate_fused(q, k, geo, part, topk, threshold)
+        visit[:, :, :ni, :ni] = any_sel[..., geo.kb_mb]
+        full[:, :, :ni, :ni] = all_sel[..., geo.kb_mb] & dense[:ni]
+        return visit.view(B * H, nb, nb), full.view(B * H, nb, nb), bits.view(B * H, layout.num_slots, -1)
+    img, _ = image_slices(N, layout.text_len, layout.text_first)
     bits = torch.zeros(B, H, layout.num_slots, (C + 31) // 32, dtype=torch.int32, device=q.device)
     valid = geo.slot_valid.view(ni, kblock, 1)
     chunk = max(1, _SEL_BUDGET // max(B * N * C, 1))

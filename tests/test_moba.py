@@ -315,6 +315,26 @@ def test_triton_compiles_fullgraph_forward_and_backward():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("grid,block,text_len,text_first,topk,threshold,dtype", [
+    ((23,), (5,), 0, True, 2, None, torch.float32),
+    ((6, 7), (3, 4), 3, True, None, 0.3, torch.float32),  # partial blocks, threshold
+    ((3, 4, 5), (2, 2, 3), 4, False, 3, None, torch.float16),
+    ((4, 8, 8), (2, 4, 4), 0, True, None, 0.6, torch.bfloat16),
+    ((5, 40), (1, 5), 2, True, 7, None, torch.float32),  # 40 blocks: two selection words, bit 31 used
+    ((4, 6), (2, 2), 0, True, 9, None, torch.float32),  # topk > blocks: everything
+])
+def test_fused_gate_kernel_matches_the_torch_selection(grid, block, text_len, text_first, topk, threshold, dtype):
+    """The Triton gate kernel (scores, per-query selection, bits, per-tile union / intersection) gives
+    exactly the tables of the torch selection path."""
+    q, k, _ = _qkv(2, math.prod(grid) + text_len, 3, 16, dtype=dtype, seed=10)
+    part = block_partition(grid, block)
+    geo = moba_geometry(grid, block, text_len, text_first, 16, "cpu")
+    want = moba_tables(q, k, geo, part, topk, threshold, "query", fused=False)
+    got = moba_tables(q, k, geo, part, topk, threshold, "query", fused=True)
+    for name, a, b in zip(("visit", "full", "bits"), got, want):
+        assert torch.equal(a, b), name
+
+
 def test_pack_bits():
     sel = torch.rand(3, 70) < 0.5
     words = pack_bits(sel)

@@ -112,6 +112,17 @@ def _run_op(case, backend, q, k, v):
     raise ValueError(f"unknown op {case.op!r}")
 
 
+def _moba_gate(case, q, k):
+    """Everything the Triton MoBA op does before the attention kernel."""
+    from .kernels.moba_triton import gate_tables, kernel_block
+
+    p = dict(case.params)
+    grid, block, topk, threshold, selection = ops.moba_params(case.grid, p["block"], p.get("topk"),
+                                                               p.get("threshold"), p.get("selection", "query"))
+    return gate_tables(q, k, grid, block, topk, threshold, selection, case.text_len, True,
+                       kernel_block(block, q.device))
+
+
 def _dense(q, k, v):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
@@ -225,6 +236,12 @@ def run_case(case, device, dtype, backends=None, warmup=1, repeat=3, baselines=(
         add(b, lambda b=b: _run_op(case, b, q, k, v))
     if "flex" in baselines and case.op in FLEX_OPS and flex_available(device):
         add("flex", lambda: _flex_same_pattern(case, q, k, v))
+    for r in rows:  # MoBA on Triton: the share of the gate (scores, selection, tables) in the op's time
+        if case.op == "moba" and r["backend"] == "triton" and "time_ms" in r:
+            with torch.no_grad():
+                t_gate, _ = _measure(lambda: _moba_gate(case, q, k), device, warmup, repeat)
+            r["gate_ms"] = t_gate * 1e3
+            r["gate_share"] = t_gate * 1e3 / r["time_ms"]
     dense = next((r["time_ms"] for r in rows if r["backend"] == "dense-sdpa" and "time_ms" in r), None)
     for r in rows:
         if dense and "time_ms" in r:
@@ -282,13 +299,13 @@ def default_cases(device, ops_wanted=("neighborhood", "local", "moba", "linear")
 
 
 def format_table(rows):
-    cols = ["case", "backend", "time_ms", "speedup_vs_dense", "tflops", "peak_mem_mb", "density"]
+    cols = ["case", "backend", "time_ms", "speedup_vs_dense", "tflops", "peak_mem_mb", "density", "gate_share"]
     fmt = {"time_ms": "{:.2f}", "speedup_vs_dense": "{:.2f}x", "tflops": "{:.3f}", "peak_mem_mb": "{:.1f}",
-           "density": "{:.4f}"}
+           "density": "{:.4f}", "gate_share": "{:.1%}"}
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["case"], r["backend"], "error: " + r["error"]] + [""] * 4)
+            body.append([r["case"], r["backend"], "error: " + r["error"]] + [""] * (len(cols) - 3))
             continue
         body.append([str(r.get(c, "")) if c not in fmt or c not in r else fmt[c].format(r[c]) for c in cols])
     widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(cols)]

@@ -297,6 +297,15 @@ def table_sizes(grid, block, text_len, kblock):
     return nb, nb * kblock, -(-n_moba // 32)
 
 
+def gate_tables(q, k, grid, block, topk, threshold, selection, text_len, text_first, kblock):
+    """The gate, selection and static-width block tables of one call (everything but the attention):
+    ``(tables, bits)`` for ``sparse_attn_dyn_fwd``.  ``block`` clamped to ``grid``."""
+    part = block_partition(grid, block, q.device)
+    geo = moba_geometry(grid, block, text_len, text_first, kblock, str(q.device))
+    visit, full, bits = moba_tables(q, k, geo, part, topk, threshold, selection)
+    return dynamic_tables(visit, full, static_width=True), bits
+
+
 _SELECTION_CODES = {"query": 0, "tile": 1, "head": 2}
 
 
@@ -316,10 +325,8 @@ def moba_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ints: List[
     backward).  ``ints``: ``[ndim, *grid, *block, text_len, text_first, topk (0: threshold), selection
     code, kernel block]``."""
     grid, block, text_len, text_first, topk, selection, kblock = _params(ints)
-    part = block_partition(grid, block, q.device)
-    geo = moba_geometry(grid, block, text_len, text_first, kblock, str(q.device))
-    visit, full, bits = moba_tables(q, k, geo, part, topk, None if topk else threshold, selection)
-    tables = dynamic_tables(visit, full, static_width=True)
+    tables, bits = gate_tables(q, k, grid, block, topk, None if topk else threshold, selection, text_len,
+                               text_first, kblock)
     out, lse = sparse_attn_dyn_fwd(q, k, v, *tables, bits, "moba", _encode(grid, block, text_len, text_first), [],
                                    scale, kblock)
     return [out, lse, *tables, bits]

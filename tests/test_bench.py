@@ -72,3 +72,11 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     for r in data["results"]:
         assert "error" not in r, r
         assert r["case"] in table
+
+
+def test_moba_triton_row_reports_the_gate_share():
+    case = bench.Case("tiny-moba", "moba", (2, 8, 8), 2, 16, 3, params=dict(block=(1, 4, 4), topk=2))
+    rows = bench.run_case(case, "cpu", torch.float32, backends=["triton"], warmup=0, repeat=1, baselines=())
+    (row,) = rows
+    assert row["gate_ms"] > 0 and 0 < row["gate_share"] < 2, row  # the gate is part of the op's time
+    assert "%" in bench.format_table(rows)

@@ -424,7 +424,11 @@ def eval_prompts(num: int, video: bool = False, seed: int = 0) -> list[str]:
 
 def _generate(pipe, prompts, seeds, height, width, steps, guidance, batch_size):
     """Samples ``[B, 3, (F,) H, W]`` in [0, 1] and seconds per sample.  The initial noise of prompt ``i`` is drawn
-    from ``torch.Generator().manual_seed(seeds[i])`` whatever the batching."""
+    from ``torch.Generator().manual_seed(seeds[i])`` whatever the batching.  One untimed warm-up call (one
+    prompt, two steps) first, so one-off costs (caches of the patterns' tables, first-call allocations) are
+    not charged to the first setting measured."""
+    pipe(prompts[:1], height=height, width=width, num_inference_steps=2, guidance_scale=guidance,
+         generator=[torch.Generator().manual_seed(0)], output_type="pt")
     outs = []
     t0 = time.perf_counter()
     for start in range(0, len(prompts), batch_size):

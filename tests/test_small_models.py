@@ -250,3 +250,26 @@ def test_cli_train_small_few_steps(tmp_path):
     assert isinstance(pipe, small.SmallFluxPipeline)
     cli_main(args[:3] + ["4"] + args[4:] + ["--resume"])
     assert json.loads((out / "training.json").read_text())["steps"] == 4
+
+
+def test_shipped_linfusion_distillation_is_closer_to_full_attention(pipes):
+    """The distilled LinFusion layers shipped for small-unet (`diffaccel train-small linfusion`) reproduce full
+    attention better than LinFusion initialised from the model without training."""
+    import diffaccel
+
+    pipe = _pipe(pipes, "small-unet")
+    prompts = evaluate.eval_prompts(4)
+
+    def sample():
+        gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        return pipe(prompts, num_inference_steps=8, generator=gens, output_type="pt").images
+
+    ref = sample()
+    scores = {}
+    for label, options in (("init", {}), ("distilled", dict(weights="small-unet-linfusion"))):
+        diffaccel.apply(pipe, "linfusion", **evaluate.resolve_options(options))
+        try:
+            scores[label] = float(evaluate.psnr(sample(), ref).mean())
+        finally:
+            diffaccel.remove(pipe)
+    assert scores["distilled"] > scores["init"] + 3, scores

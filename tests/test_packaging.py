@@ -19,6 +19,12 @@ def test_wheel_maps_kernels_and_pipelines_under_diffaccel(tmp_path):
     # every subpackage of the source tree is in the wheel
     for init in (ROOT / "diffaccel").rglob("__init__.py"):
         assert init.relative_to(ROOT).as_posix() in names, f"{init} missing from the wheel"
+    # the shipped small models: every tracked file under pipelines/models
+    models = subprocess.run(["git", "ls-files", "pipelines/models"], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert models, "no shipped models found by git ls-files"
+    for f in models:
+        assert "diffaccel/" + f in names, f"{f} missing from the wheel"
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "diffaccel = diffaccel.cli:main" in zipfile.ZipFile(whl).read(entry).decode()
 

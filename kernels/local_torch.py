@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .local_ref import max_sq_dist
+from .workspace import scratch
 
 __all__ = ["pool_tokens", "HaloPlan", "plan_local", "local_torch", "choose_tile"]
 
@@ -224,14 +225,22 @@ def halo_attention(q, k, v, plan, scale):
     hk = plan.hk + n_glob
     per_tile = b * hk * h * dh * 2 * k.element_size() + plan.tq * hk * q.element_size()
     chunk = max(1, _CHUNK_BYTES // per_tile)
+    # without autograd the gathered operands go to per-thread buffers reused across chunks and calls
+    cached = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+
+    def gather(name, x, idx):
+        if not cached:
+            return x.index_select(1, idx)
+        return torch.index_select(x, 1, idx, out=scratch(name, (b, idx.numel(), h, dh), x.dtype, x.device))
+
     parts = []
     for lo in range(0, plan.tiles, chunk):
         hi = min(lo + chunk, plan.tiles)
         nt = hi - lo
         kv_idx = plan.seq_kv_index[lo:hi].reshape(-1)
-        qt = q.index_select(1, plan.seq_q_index[lo * plan.tq:hi * plan.tq]).view(b * nt, plan.tq, h, dh)
-        kt = k.index_select(1, kv_idx).view(b * nt, hk, h, dh)
-        vt = v.index_select(1, kv_idx).view(b * nt, hk, h, dh)
+        qt = gather("local_q", q, plan.seq_q_index[lo * plan.tq:hi * plan.tq]).view(b * nt, plan.tq, h, dh)
+        kt = gather("local_k", k, kv_idx).view(b * nt, hk, h, dh)
+        vt = gather("local_v", v, kv_idx).view(b * nt, hk, h, dh)
         mask = plan.additive_mask(q.dtype, lo, hi, n_glob)
         if b > 1:
             mask = mask.repeat(b, 1, 1)

@@ -15,15 +15,14 @@ The work is the selected pairs only (plus the gate); memory is bounded by proces
 chunks, and nothing of size ``S x S`` is materialised.  Text queries attend densely to every key.
 Without autograd on CPU, the two pair-sized buffers are kept per thread between calls (fresh large
 CPU allocations cost a page fault per 4 KiB on first touch, as much as the copies themselves);
-:func:`clear_workspace` frees them.
+:func:`clear_workspace` (``kernels/workspace.py``) frees them.
 """
 from __future__ import annotations
-
-import threading
 
 import torch
 
 from .moba_ref import block_partition, image_slices, select_blocks
+from .workspace import clear_workspace, scratch  # noqa: F401  (clear_workspace: public here too)
 
 # elements of the largest intermediate (attention scores of one chunk of heads)
 _BUDGET = {"cpu": 1 << 25, "cuda": 1 << 28}
@@ -60,31 +59,6 @@ def _attend(q, k, v, bias, scale, need_grad):
     lse = torch.logsumexp(s, -1, keepdim=True)
     o = torch.matmul(torch.exp(s - lse).to(v.dtype), v).float()
     return o, lse.squeeze(-1)
-
-
-_WORKSPACE = threading.local()
-_WORKSPACE_MAX = 1 << 28  # bytes per cached buffer
-
-
-def _scratch(name, shape, dtype, device, cached):
-    """An uninitialised buffer.  With ``cached`` (no autograd, CPU), a per-thread buffer reused across
-    calls (see the module docstring and :func:`clear_workspace`)."""
-    numel = 1
-    for x in shape:
-        numel *= x
-    if not cached or torch.device(device).type != "cpu" or numel * dtype.itemsize > _WORKSPACE_MAX:
-        return torch.empty(shape, dtype=dtype, device=device)
-    cache = _WORKSPACE.__dict__.setdefault("buffers", {})
-    key = (name, dtype, str(device))
-    buf = cache.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = cache[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel].view(shape)
-
-
-def clear_workspace():
-    """Free the CPU buffers the no-grad torch backend keeps between calls (this thread's)."""
-    _WORKSPACE.__dict__.pop("buffers", None)
 
 
 def _image_chunk(sel, q, kb, vb, kt, vt, part, scale, need_grad):
@@ -124,7 +98,7 @@ def _image_chunk(sel, q, kb, vb, kt, vt, part, scale, need_grad):
     qrow = torch.zeros(rows, dtype=torch.int64, device=dev)
     qrow[slot] = bh * N + n
     if cached:
-        qbuf = torch.index_select(q.reshape(BH * N, D), 0, qrow, out=_scratch("q", (rows, D), q.dtype, dev, True))
+        qbuf = torch.index_select(q.reshape(BH * N, D), 0, qrow, out=scratch("moba_q", (rows, D), q.dtype, dev))
     else:
         qbuf = q.reshape(BH * N, D).index_select(0, qrow)
     # 2. the pairs of every query, query-major: src[query, r] = buffer row of its r-th pair (ascending
@@ -163,7 +137,7 @@ def _image_chunk(sel, q, kb, vb, kt, vt, part, scale, need_grad):
     lse_parts.append(lse_parts[0].new_full((1,), float("-inf")))
     # 4. merge the pairs of every query by their log-sum-exp: a gather and weighted sum (embedding_bag)
     if cached:
-        o_all = torch.cat(o_parts, out=_scratch("o", (dummy + 1, D), torch.float32, dev, True))
+        o_all = torch.cat(o_parts, out=scratch("moba_o", (dummy + 1, D), torch.float32, dev))
     else:
         o_all = torch.cat(o_parts)
     weights = torch.softmax(torch.cat(lse_parts)[src], dim=-1)

@@ -328,6 +328,24 @@ class FluxProcessor(PatternProcessor):
 # SD3Transformer2DModel: mirrors JointAttnProcessor2_0
 
 
+def _qkv_heads_first(attn, hidden_states):
+    """``to_q/to_k/to_v`` of ``hidden_states`` as ``[B, H, S, D]`` with the QK norms applied, as
+    ``JointAttnProcessor2_0`` and ``CogVideoXAttnProcessor2_0`` do; also returns ``D``."""
+    batch_size = hidden_states.shape[0]
+    query = attn.to_q(hidden_states)
+    key = attn.to_k(hidden_states)
+    value = attn.to_v(hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value, head_dim
+
+
 class SD3Processor(PatternProcessor):
     """SD3 / SD3.5 attention, mirroring ``JointAttnProcessor2_0``: the joint ``attn`` sees
     [image; text] (``text_first=False``); SD3.5's dual ``attn2`` is image-only self-attention.
@@ -340,18 +358,7 @@ class SD3Processor(PatternProcessor):
         residual = hidden_states
         batch_size = hidden_states.shape[0]
 
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = _qkv_heads_first(attn, hidden_states)
 
         text_len = 0
         if encoder_hidden_states is not None:
@@ -641,18 +648,7 @@ class CogVideoXProcessor(PatternProcessor):
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         batch_size = hidden_states.shape[0]
 
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = _qkv_heads_first(attn, hidden_states)
 
         if image_rotary_emb is not None:
             from diffusers.models.embeddings import apply_rotary_emb

@@ -19,7 +19,8 @@ from diffaccel.processors import (
     swap_processors,
 )
 from diffaccel.kernels.neighborhood_ref import neighborhood_mask
-from tiny_models import TINY, flux_image_ids, flux_inputs, run, tiny_flux, tiny_unet, tiny_wan, unet_inputs
+from tiny_models import (TINY, flux_image_ids, flux_inputs, run, run_with_processor, tiny_flux, tiny_unet, tiny_wan,
+                         unet_inputs)
 
 SIZES = {"unet": dict(height=9, width=13), "flux": dict(height=6, width=10), "sd3": dict(height=6, width=10),
          "wan": dict(frames=2, height=6, width=10)}
@@ -59,16 +60,9 @@ def test_processor_with_dense_core_mirrors_stock(family):
     model = _model(family)
     x = TINY[family][1](model, batch=2, **SIZES[family])
     ref = run(model, x)
-    original = model.attn_processors
     core = RecordingCore()
     # one processor object on every layer (UNet/Wan cross-attention falls back to the stock processor)
-    model.set_attn_processor(make_processor(family, core))
-    try:
-        diffaccel.track_layout(model)
-        out = run(model, x)
-    finally:
-        untrack_layout(model)
-        model.set_attn_processor(original)
+    out = run_with_processor(model, x, make_processor(family, core))
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
     assert len(core.calls) == len(_self_attn_names(model, family))
 

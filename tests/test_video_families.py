@@ -9,12 +9,12 @@ import torch.nn.functional as F
 import diffaccel
 from diffaccel import ops
 from diffaccel.families import self_attention_layers
-from diffaccel.layout import untrack_layout
 from diffaccel.processors import CogVideoXProcessor, HunyuanVideoProcessor, make_processor
 from tiny_models import (
     cogvideox_inputs,
     hunyuan_video_inputs,
     run,
+    run_with_processor,
     tiny_cogvideox,
     tiny_cogvideox15,
     tiny_hunyuan_video,
@@ -109,16 +109,9 @@ def test_processor_with_dense_core_mirrors_stock(name):
     extra = dict(valid_text=[5, 3]) if family == "hunyuan_video" else {}
     x = _inputs(name, MODELS[name][3], batch=2, **extra)
     ref = run(model, x)
-    original = model.attn_processors
     core = RecordingCore()
     # HunyuanVideo: the refiner attention gets it too and must run its stock processor unchanged
-    model.set_attn_processor(make_processor(family, core))
-    try:
-        diffaccel.track_layout(model)
-        out = run(model, x)
-    finally:
-        untrack_layout(model)
-        model.set_attn_processor(original)
+    out = run_with_processor(model, x, make_processor(family, core))
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
     grid = GRIDS[name][0]
     n = grid[0] * grid[1] * grid[2]

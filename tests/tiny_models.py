@@ -187,6 +187,22 @@ def run(model, inputs):
         return model(**inputs, return_dict=False)[0]
 
 
+def run_with_processor(model, inputs, processor):
+    """``run`` with ``processor`` set on every attention layer and the layout tracked; the model's
+    processors and tracking are restored afterwards."""
+    import diffaccel
+    from diffaccel.layout import untrack_layout
+
+    original = model.attn_processors
+    model.set_attn_processor(processor)
+    try:
+        diffaccel.track_layout(model)
+        return run(model, inputs)
+    finally:
+        untrack_layout(model)
+        model.set_attn_processor(original)
+
+
 def _pipeline_cls():
     from diffusers import DiffusionPipeline
 

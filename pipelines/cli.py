@@ -135,6 +135,8 @@ def _add_train_small_arguments(p):
     p.add_argument("--batch-size", type=int, help="default 32 (images), 12 (video), 64 (classifier)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3; classifier 2e-3)")
     p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    p.add_argument("--cooldown-from", type=int, metavar="STEP",
+                   help="decay the learning rate linearly from this total step to 2%% of it at --max-steps")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--data-seed", type=int, default=0, help="seed of the shapes dataset")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and noise")

@@ -94,6 +94,17 @@ def _continue_command(command):
     return command if "--resume" in command.split() else command + " --resume"
 
 
+def lr_at(step, lr, warmup=200, cooldown_from=None, max_steps=None, final_lr_ratio=0.02):
+    """Learning rate of optimiser step ``step`` (0-based): linear warm-up over ``warmup`` steps, then constant;
+    with ``cooldown_from``, linear decay from ``lr`` at that step to ``lr * final_lr_ratio`` at ``max_steps``."""
+    scale = min(1.0, (step + 1) / max(warmup, 1))
+    if cooldown_from is not None and step >= cooldown_from:
+        span = max(max_steps - cooldown_from, 1)
+        frac = min(1.0, (step - cooldown_from) / span)
+        scale = min(scale, 1.0 - (1.0 - final_lr_ratio) * frac)
+    return lr * scale
+
+
 def train_small(
     kind: str,
     output: str,
@@ -103,6 +114,8 @@ def train_small(
     batch_size: int = 32,
     lr: float = 1e-3,
     warmup: int = 200,
+    cooldown_from: int | None = None,
+    final_lr_ratio: float = 0.02,
     ema_decay: float = 0.999,
     caption_dropout: float = 0.1,
     data_seed: int = 0,
@@ -120,7 +133,10 @@ def train_small(
 ):
     """Train (or continue training) a small pipeline of ``kind`` ("flux", "unet", "wan"); export its EMA weights
     to ``output`` every ``save_every`` steps and at the end.  Stops after ``minutes`` of wall time or
-    ``max_steps`` total steps, whichever first.  Returns a summary dict."""
+    ``max_steps`` total steps, whichever first.  With ``cooldown_from`` the learning rate decays linearly from
+    that step to ``lr * final_lr_ratio`` at ``max_steps`` (see :func:`lr_at`).  Returns a summary dict."""
+    if cooldown_from is not None and max_steps is None:
+        raise ValueError("cooldown_from (--cooldown-from) needs max_steps (--max-steps), the step where the decay ends")
     if threads:
         torch.set_num_threads(int(threads))
     os.makedirs(work_dir, exist_ok=True)
@@ -200,6 +216,8 @@ def train_small(
         ema_pipe.save_pretrained(tmp, safe_serialization=True)
         recent = float(np.mean(losses[-200:])) if losses else None
         info = dict(kind=kind, steps=step, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
+                    cooldown=None if cooldown_from is None else dict(from_step=cooldown_from, to_step=max_steps,
+                                                                      final_lr_ratio=final_lr_ratio),
                     minutes_trained=round((elapsed_before + time.time() - t0) / 60, 1), final_loss=recent,
                     data_seed=data_seed, seed=seed, weights_dtype=save_dtype,
                     command=command, continue_with=_continue_command(command), runs=_runs())
@@ -235,7 +253,7 @@ def train_small(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g_ in opt.param_groups:
-            g_["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1))
+            g_["lr"] = lr_at(step, lr, warmup, cooldown_from, max_steps, final_lr_ratio)
         opt.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
         _ema_update(ema, [p.detach() for p in params], decay)
@@ -373,7 +391,7 @@ def run_from_args(args):
     return train_small(
         args.kind, output, work_dir, minutes=args.minutes, max_steps=args.max_steps,
         batch_size=args.batch_size or (12 if args.kind == "wan" else 32), lr=args.lr or 1e-3, warmup=args.warmup,
-        ema_decay=args.ema_decay, data_seed=args.data_seed, seed=args.seed, threads=args.threads,
+        cooldown_from=args.cooldown_from, ema_decay=args.ema_decay, data_seed=args.data_seed, seed=args.seed, threads=args.threads,
         device=args.device, resume=args.resume, save_every=args.save_every, sample_every=args.sample_every,
         save_dtype=args.save_dtype, command=command,
     )

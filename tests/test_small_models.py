@@ -248,8 +248,24 @@ def test_cli_train_small_few_steps(tmp_path):
     assert info["steps"] == 2 and math.isfinite(info["final_loss"])
     pipe = small.load_small(str(out))
     assert isinstance(pipe, small.SmallFluxPipeline)
-    cli_main(args[:3] + ["4"] + args[4:] + ["--resume"])
-    assert json.loads((out / "training.json").read_text())["steps"] == 4
+    cli_main(args[:3] + ["4"] + args[4:] + ["--resume", "--cooldown-from", "2"])
+    info = json.loads((out / "training.json").read_text())
+    assert info["steps"] == 4 and info["cooldown"] == dict(from_step=2, to_step=4, final_lr_ratio=0.02)
+    assert len(info["runs"]) == 2 and "--cooldown-from 2" in info["runs"][-1]["command"]
+
+
+def test_learning_rate_schedule():
+    from diffaccel.pipelines.train_small import lr_at, train_small
+
+    assert lr_at(0, 1.0, warmup=4) == pytest.approx(0.25) and lr_at(3, 1.0, warmup=4) == 1.0
+    assert lr_at(10**6, 1.0, warmup=4) == 1.0  # constant without a cooldown
+    # linear from the full rate at cooldown_from to final_lr_ratio at max_steps, and held there
+    assert lr_at(100, 1.0, 4, cooldown_from=100, max_steps=200) == 1.0
+    assert lr_at(150, 1.0, 4, cooldown_from=100, max_steps=200, final_lr_ratio=0.0) == pytest.approx(0.5)
+    assert lr_at(200, 1.0, 4, cooldown_from=100, max_steps=200) == pytest.approx(0.02)
+    assert lr_at(300, 1.0, 4, cooldown_from=100, max_steps=200) == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="--max-steps"):
+        train_small("flux", "unused", "unused", cooldown_from=10)
 
 
 def test_shipped_linfusion_distillation_is_closer_to_full_attention(pipes):

@@ -460,6 +460,12 @@ def _sdpa(q, k, v):
     return out.transpose(1, 2)
 
 
+# The last mask read by text_padding_lengths: (weakref to it, its version counter, the call's sizes, lengths).
+# HunyuanVideoTransformer3DModel builds one mask per forward and passes it to every block, so the host
+# read (a device sync) happens once per forward instead of once per attention layer.
+_LAST_PADDING = None
+
+
 def text_padding_lengths(attention_mask, batch_size: int, n_image: int, n_text: int, cls: str = "processor"):
     """Valid text lengths of a [video; text] key-padding mask, as HunyuanVideo builds it.
 
@@ -467,10 +473,28 @@ def text_padding_lengths(attention_mask, batch_size: int, n_image: int, n_text: 
     the ``N = n_image + n_text`` keys: every video token valid and, per batch element, a prefix of
     the text tokens.  Returns ``None`` when there is no mask or every text token is valid, else
     the list of valid text lengths (one per batch element).  Anything else is a ``ValueError``
-    naming ``attention_mask``.
+    naming ``attention_mask``.  The answer for the last mask tensor seen is reused while that tensor
+    is unchanged (same object, same version counter), outside ``torch.compile``.
     """
+    global _LAST_PADDING
     if attention_mask is None:
         return None
+    cacheable = isinstance(attention_mask, torch.Tensor) and not torch.compiler.is_compiling()
+    key = (batch_size, n_image, n_text)
+    if cacheable and _LAST_PADDING is not None:
+        ref, version, last_key, lengths = _LAST_PADDING
+        if ref() is attention_mask and version == attention_mask._version and last_key == key:
+            return None if lengths is None else list(lengths)
+    lengths = _read_text_padding(attention_mask, batch_size, n_image, n_text, cls)
+    if cacheable:
+        import weakref
+
+        _LAST_PADDING = (weakref.ref(attention_mask), attention_mask._version, key, lengths)
+    return None if lengths is None else list(lengths)
+
+
+def _read_text_padding(attention_mask, batch_size, n_image, n_text, cls):
+    # the checks and the host read behind text_padding_lengths
     n = n_image + n_text
 
     def bad(why):

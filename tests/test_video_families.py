@@ -302,6 +302,25 @@ def test_hunyuan_bad_attention_mask_is_a_clear_error(mask, match):
     assert _layer_call(ok[:1, None, None])[1].shape == (2, 3, 12 * 2)
 
 
+def test_hunyuan_mask_is_read_once_per_tensor(monkeypatch):
+    """The model passes one mask object to every block: its host read happens once while it is unchanged,
+    again when it is a new tensor or was modified in place (which is then checked again)."""
+    from diffaccel import processors
+
+    reads = []
+    real = processors._read_text_padding
+    monkeypatch.setattr(processors, "_read_text_padding", lambda *a: reads.append(1) or real(*a))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    for _ in range(3):
+        assert processors.text_padding_lengths(mask, 2, 4, 3) == [2, 0]
+    assert len(reads) == 1
+    assert processors.text_padding_lengths(mask, 2, 3, 4) == [3, 1] and len(reads) == 2  # other sizes
+    assert processors.text_padding_lengths(mask.clone(), 2, 3, 4) == [3, 1] and len(reads) == 3  # another tensor
+    mask[0, 0] = False  # in place: now masks a video token
+    with pytest.raises(ValueError, match="attention_mask masks video tokens"):
+        processors.text_padding_lengths(mask, 2, 3, 4)
+
+
 def test_cogvideox_rejects_attention_mask_and_reads_frames_before_channels():
     model = _model("cogvideox")
     attn = model.transformer_blocks[0].attn1

@@ -15,11 +15,12 @@ from diffaccel.cli import main as cli_main
 from diffaccel.pipelines import evaluate, shapes, small
 
 SMALL = ["small-flux", "small-unet", "small-wan"]
-# Full attention at the native size, 8 single-shape prompts x 16 steps (docs/small-models.md has the figures on 48
-# prompts): small-flux gets colour and background right (measured 1.0; chance about 1/5), small-unet also the
-# shape (measured 7/8 here, 0.96 on 48 prompts; chance 1/4).
+# Full attention at the native size, single-shape prompts x 16 steps (docs/small-models.md has the figures on 48
+# prompts): both image models get colour and background right (measured 1.0; chance about 1/5); small-unet the
+# shape (8 prompts: 7/8 here, 0.96 on 48; chance 1/4), small-flux the shape on 48 prompts (0.58).
 MIN_COLOUR_ACC = 0.6
 MIN_SHAPE_ACC = 0.6
+MIN_FLUX_SHAPE_ACC = 0.5  # 2x chance; small-flux measures 0.58 on 48 prompts
 
 
 @pytest.fixture(scope="module")
@@ -147,11 +148,13 @@ def _dense_accuracy(pipe, classifier, n=8, steps=16):
     return evaluate.classifier_accuracy(classifier, x, prompts)
 
 
-def test_dense_flux_draws_the_prompted_colours(pipes, classifier):
-    """Full attention at the native size: the classifier recognises the prompted colour and background well above
-    chance (~1/5).  Its shapes are rough (see docs/small-models.md, Limits), so shape is not asserted here."""
-    acc = _dense_accuracy(_pipe(pipes, "small-flux"), classifier)
+def test_dense_flux_draws_the_prompted_shapes_and_colours(pipes, classifier):
+    """Full attention at the native size: the classifier recognises the prompted colour and background of small-flux
+    (the `generate` default) well above chance (~1/5), and its shapes above chance (1/4) on the 48 prompts of
+    docs/small-models.md (measured 0.58; its shapes are rougher than small-unet's, see Limits there)."""
+    acc = _dense_accuracy(_pipe(pipes, "small-flux"), classifier, n=48)
     assert acc["colour"] >= MIN_COLOUR_ACC and acc["background"] >= MIN_COLOUR_ACC, acc
+    assert acc["shape"] >= MIN_FLUX_SHAPE_ACC, acc
 
 
 def test_dense_unet_draws_the_prompted_shapes_and_colours(pipes, classifier):

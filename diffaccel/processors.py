@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 
 import torch
 
@@ -487,8 +488,6 @@ def text_padding_lengths(attention_mask, batch_size: int, n_image: int, n_text: 
             return None if lengths is None else list(lengths)
     lengths = _read_text_padding(attention_mask, batch_size, n_image, n_text, cls)
     if cacheable:
-        import weakref
-
         _LAST_PADDING = (weakref.ref(attention_mask), attention_mask._version, key, lengths)
     return None if lengths is None else list(lengths)
 

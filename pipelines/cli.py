@@ -104,7 +104,7 @@ def _cmd_eval(args):
     settings = None if not args.settings else [evaluate.parse_setting(s) for s in args.settings]
     out = evaluate.evaluate(
         models=tuple(args.models), settings=settings, scales=tuple(args.scales),
-        video_scales=tuple(args.video_scales), num_prompts=args.num_prompts, steps=args.steps,
+        video_scales=tuple(args.video_scales or ()) or None, num_prompts=args.num_prompts, steps=args.steps,
         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
         classifier=None if args.no_classifier else args.classifier, device=device, progress=args.progress,
         log=lambda m: print(m, file=sys.stderr, flush=True),
@@ -132,11 +132,17 @@ def _add_train_small_arguments(p):
     p.add_argument("--work-dir", help="checkpoints, logs and sample grids (default runs/<name>)")
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this run (default 60)")
     p.add_argument("--max-steps", type=int, help="stop at this total step count")
-    p.add_argument("--batch-size", type=int, help="default 32 (images), 12 (video), 64 (classifier)")
+    p.add_argument("--batch-size", type=int, help="default 32 (64 for the classifier)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3; classifier 2e-3)")
     p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
     p.add_argument("--cooldown-from", type=int, metavar="STEP",
                    help="decay the learning rate linearly from this total step to 2%% of it at --max-steps")
+    p.add_argument("--text-encoder-from", metavar="MODEL",
+                   help="start the text encoder from this small pipeline's trained one (same tokenizer and "
+                        "text-encoder architecture, e.g. small-flux) instead of random weights")
+    p.add_argument("--timestep-shift", type=float, metavar="SHIFT",
+                   help="shift the training noise levels up, sigma -> SHIFT*sigma/(1+(SHIFT-1)*sigma) (default: the "
+                        "pipeline scheduler's shift, which sampling uses: 1 for flux/unet, 3 for wan)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--data-seed", type=int, default=0, help="seed of the shapes dataset")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and noise")
@@ -195,8 +201,8 @@ def register(sub):
     e.add_argument("--settings", nargs="+",
                    help="method settings 'method:key=value,...' (default: a few per applicable method)")
     e.add_argument("--scales", nargs="+", type=float, default=[1, 2, 4], help="multiples of the native size")
-    e.add_argument("--video-scales", nargs="+", type=float, default=[1, 2],
-                   help="scales for video models (default 1 2: 4x video is very slow on CPU)")
+    e.add_argument("--video-scales", nargs="+", type=float,
+                   help="scales for video models (default: --scales)")
     e.add_argument("--num-prompts", type=int, default=8)
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--guidance", type=float, default=4.0)

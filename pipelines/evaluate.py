@@ -379,15 +379,18 @@ def _family(pipe) -> str:
 
 def default_settings(pipe) -> list[Setting]:
     """The method settings evaluated by default for a small pipeline (``dense`` excluded): each applicable method
-    at a few strengths, sized on the native token grid (16 x 16 image tokens; UNet levels 16 x 16 and 8 x 8)."""
+    at a few strengths, sized on the native token grid (16 x 16 image tokens; UNet levels 16 x 16 and 8 x 8;
+    video ``T x g x g``: windows of about ``g/2`` and ``g/4``, MoBA blocks of ``g/2 x g/2``)."""
     fam = _family(pipe)
     s = []
     if fam == "wan":
-        frames = pipe.config.num_frames
-        s += [Setting("neighborhood", dict(kernel_size=(frames, 9, 9))),
-              Setting("neighborhood", dict(kernel_size=(3, 5, 5)))]
-        s += [Setting("moba", dict(block=(frames, 8, 8), topk=2)),
-              Setting("moba", dict(partitions=[(None, 8, 8), (2, 8, 8)], topk=2))]
+        pt, ph, _ = pipe.denoiser.config.patch_size
+        t, g = max(pipe.config.num_frames // int(pt), 1), pipe.config.sample_size // int(ph)
+        half, quarter = g // 2 + 1, g // 4 + 1  # odd windows: 9 and 5 on a 16-token side, 5 and 3 on 8
+        s += [Setting("neighborhood", dict(kernel_size=(t, half, half))),
+              Setting("neighborhood", dict(kernel_size=(min(3, t), quarter, quarter)))]
+        s += [Setting("moba", dict(block=(t, g // 2, g // 2), topk=2)),
+              Setting("moba", dict(partitions=[(None, g // 2, g // 2), (min(2, t), g // 2, g // 2)], topk=2))]
         return s
     s += [Setting("neighborhood", dict(kernel_size=9)), Setting("neighborhood", dict(kernel_size=5))]
     if fam == "flux":

@@ -11,12 +11,12 @@ pipeline           denoiser                     sample space
 SmallFluxPipeline  ``FluxTransformer2DModel``   RGB pixels, 2x2 patches packed into tokens
                                                 (as FluxPipeline packs its latents)
 SmallUNetPipeline  ``UNet2DConditionModel``     RGB pixels, 2x2 space-to-depth (12 channels)
-SmallWanPipeline   ``WanTransformer3DModel``    RGB video ``[3, F, H, W]`` (patch (1, 2, 2))
+SmallWanPipeline   ``WanTransformer3DModel``    RGB video ``[3, F, H, W]`` (patch (1, 4, 4))
 =================  ===========================  ==========================================
 
 The "latent space" is lossless pixel packing (pixels in ``[-1, 1]``): no VAE.
-Height and width may be any multiple of 2 (FLUX, Wan) or of ``2 * 2**(levels-1)``
-(UNet), so methods can be evaluated at 2x and 4x the native size.
+Height and width may be any multiple of 2 (FLUX), of the spatial patch size (Wan) or of
+``2 * 2**(levels-1)`` (UNet), so methods can be evaluated at 2x and 4x the native size.
 
 Flow matching (rectified flow), the convention of diffusers' flow schedulers:
 ``x_sigma = (1 - sigma) * x0 + sigma * noise``, the denoiser predicts
@@ -32,6 +32,7 @@ Shipped models live in ``pipelines/models/<name>`` (:data:`SMALL_MODELS`)::
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -91,12 +92,16 @@ DEFAULT_CONFIGS = {
         sample_size=32,
     ),
     "wan": dict(
-        transformer=dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=3,
-                         out_channels=3, text_dim=64, freq_dim=64, ffn_dim=256, num_layers=4,
+        transformer=dict(patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=32, in_channels=3,
+                         out_channels=3, text_dim=64, freq_dim=64, ffn_dim=384, num_layers=6,
                          cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=256),
         text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
         sample_size=32,
         num_frames=4,
+        # noise-level shift of training and sampling, as Wan's flow_shift: without it the 4 correlated frames
+        # make mid-noise denoising easy and the cross-attention (Wan's only text path) learned nothing in 3,000
+        # steps; with it the text is used within a few hundred steps (docs/small-models.md)
+        shift=3.0,
     ),
 }
 
@@ -350,7 +355,8 @@ class SmallUNetPipeline(_SmallPipeline):
 
 class SmallWanPipeline(_SmallPipeline):
     """Text-to-video with a small ``WanTransformer3DModel`` on RGB video pixels ``[3, F, H, W]`` (native
-    ``num_frames`` x 32 x 32; tokens ``F x 16 x 16``).  ``__call__`` returns :class:`SmallVideoOutput`."""
+    ``num_frames`` x 32 x 32; with the shipped patch (1, 4, 4), tokens ``F x 8 x 8``).  ``__call__`` returns
+    :class:`SmallVideoOutput`."""
 
     _video = True
 
@@ -364,6 +370,10 @@ class SmallWanPipeline(_SmallPipeline):
     @property
     def denoiser(self):
         return self.transformer
+
+    def _size_multiple(self):
+        _, ph, pw = self.transformer.config.patch_size
+        return math.lcm(int(ph), int(pw))
 
     def _noise_shape(self, batch, height, width, num_frames):
         return (batch, 3, num_frames, height, width)
@@ -398,7 +408,7 @@ def build_pipeline(kind: str, seed: int = 0, denoiser: dict | None = None, text:
     cfg = DEFAULT_CONFIGS[kind]
     tokenizer = build_tokenizer()
     text_encoder = build_text_encoder(tokenizer, seed=seed, **{**cfg["text"], **(text or {})})
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=float(cfg.get("shift", 1.0)))
     torch.manual_seed(seed + 1)
     size = int(sample_size or cfg["sample_size"])
     if kind == "flux":

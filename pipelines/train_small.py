@@ -8,7 +8,8 @@ Training (rectified flow, as SD3 / FLUX):
   ``ShapesVideoDataset``) with ``--data-seed``; step ``i`` uses samples
   ``i * batch ... (i + 1) * batch - 1`` (deterministic order, never repeated
   within ``--dataset-size``, which wraps around);
-* ``sigma ~ sigmoid(N(0, 1))`` (logit-normal), ``x = (1 - sigma) x0 + sigma noise``,
+* ``sigma ~ sigmoid(N(0, 1))`` (logit-normal), shifted by the pipeline scheduler's ``shift``
+  (``--timestep-shift``; 1 for the image models, 3 for Wan), ``x = (1 - sigma) x0 + sigma noise``,
   loss ``|| predict(x, sigma) - (noise - x0) ||^2``;
 * the text encoder trains jointly; 10% of captions are replaced by ``""`` so the
   pipelines can run classifier-free guidance;
@@ -37,7 +38,7 @@ import torch
 from .shapes import ShapesDataset, ShapesVideoDataset
 from .small import build_pipeline, load_small
 
-__all__ = ["train_small", "collate", "run_from_args", "SAVE_DTYPES"]
+__all__ = ["train_small", "collate", "sample_sigmas", "lr_at", "run_from_args", "SAVE_DTYPES"]
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -59,6 +60,19 @@ def _state(pipe):
 def _load_state(pipe, state):
     pipe.denoiser.load_state_dict(state["denoiser"])
     pipe.text_encoder.load_state_dict(state["text_encoder"])
+
+
+@torch.no_grad()
+def _copy_text_encoder(pipe, source):
+    """Load the text encoder of the small pipeline ``source`` into ``pipe`` (same vocabulary and shapes)."""
+    src = load_small(source)
+    if src.tokenizer.get_vocab() != pipe.tokenizer.get_vocab():
+        raise ValueError(f"text_encoder_from (--text-encoder-from) {source!r} has a different tokenizer vocabulary")
+    want, got = pipe.text_encoder.state_dict(), src.text_encoder.state_dict()
+    if set(want) != set(got) or any(want[k].shape != got[k].shape for k in want):
+        raise ValueError(f"text_encoder_from (--text-encoder-from) {source!r}: its text encoder's architecture "
+                         f"differs from this model's")
+    pipe.text_encoder.load_state_dict({k: v.float() for k, v in got.items()})
 
 
 @torch.no_grad()
@@ -94,6 +108,13 @@ def _continue_command(command):
     return command if "--resume" in command.split() else command + " --resume"
 
 
+def sample_sigmas(n, generator, shift=1.0):
+    """``n`` training noise levels: logit-normal ``sigmoid(N(0, 1))``, then shifted up as the flow schedulers'
+    ``shift`` does at sampling time, ``sigma -> shift * sigma / (1 + (shift - 1) * sigma)``."""
+    sigma = torch.sigmoid(torch.randn(n, generator=generator))
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
 def lr_at(step, lr, warmup=200, cooldown_from=None, max_steps=None, final_lr_ratio=0.02):
     """Learning rate of optimiser step ``step`` (0-based): linear warm-up over ``warmup`` steps, then constant;
     with ``cooldown_from``, linear decay from ``lr`` at that step to ``lr * final_lr_ratio`` at ``max_steps``."""
@@ -116,6 +137,7 @@ def train_small(
     warmup: int = 200,
     cooldown_from: int | None = None,
     final_lr_ratio: float = 0.02,
+    timestep_shift: float | None = None,
     ema_decay: float = 0.999,
     caption_dropout: float = 0.1,
     data_seed: int = 0,
@@ -125,6 +147,7 @@ def train_small(
     device: str = "cpu",
     resume: bool = False,
     init_from: str | None = None,
+    text_encoder_from: str | None = None,
     save_every: int = 200,
     log_every: int = 20,
     sample_every: int = 500,
@@ -134,7 +157,11 @@ def train_small(
     """Train (or continue training) a small pipeline of ``kind`` ("flux", "unet", "wan"); export its EMA weights
     to ``output`` every ``save_every`` steps and at the end.  Stops after ``minutes`` of wall time or
     ``max_steps`` total steps, whichever first.  With ``cooldown_from`` the learning rate decays linearly from
-    that step to ``lr * final_lr_ratio`` at ``max_steps`` (see :func:`lr_at`).  Returns a summary dict."""
+    that step to ``lr * final_lr_ratio`` at ``max_steps`` (see :func:`lr_at`).  ``text_encoder_from`` (a small
+    pipeline name or folder with the same tokenizer and text-encoder architecture) starts the text encoder from
+    that pipeline's trained weights instead of random ones (it still trains jointly).  ``timestep_shift``
+    (default: the pipeline scheduler's ``shift``, which sampling uses) moves the training noise levels up:
+    ``sigma -> shift * sigma / (1 + (shift - 1) * sigma)``.  Returns a summary dict."""
     if cooldown_from is not None and max_steps is None:
         raise ValueError("cooldown_from (--cooldown-from) needs max_steps (--max-steps), the step where the decay ends")
     if threads:
@@ -146,7 +173,13 @@ def train_small(
         pipe = load_small(init_from)
     else:
         pipe = build_pipeline(kind, seed=seed)
+    if text_encoder_from and not resume:
+        _copy_text_encoder(pipe, text_encoder_from)
     pipe.to(device)
+    if timestep_shift is None:
+        timestep_shift = float(pipe.scheduler.config.get("shift", 1.0))
+    if not timestep_shift > 0:
+        raise ValueError(f"timestep_shift (--timestep-shift) must be > 0, got {timestep_shift!r}")
     video = kind == "wan"
     size = pipe.config.sample_size
     if video:
@@ -219,7 +252,8 @@ def train_small(
                     cooldown=None if cooldown_from is None else dict(from_step=cooldown_from, to_step=max_steps,
                                                                       final_lr_ratio=final_lr_ratio),
                     minutes_trained=round((elapsed_before + time.time() - t0) / 60, 1), final_loss=recent,
-                    data_seed=data_seed, seed=seed, weights_dtype=save_dtype,
+                    data_seed=data_seed, seed=seed, weights_dtype=save_dtype, text_encoder_from=text_encoder_from,
+                    timestep_shift=timestep_shift,
                     command=command, continue_with=_continue_command(command), runs=_runs())
         with open(os.path.join(tmp, "training.json"), "w") as f:
             json.dump(info, f, indent=2)
@@ -243,7 +277,7 @@ def train_small(
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         x0 = x0.to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=gen)).to(device)
+        sigma = sample_sigmas(x0.shape[0], gen, timestep_shift).to(device)
         s = sigma.view(-1, *([1] * (x0.dim() - 1)))
         xt = (1 - s) * x0 + s * noise
         text, pooled = pipe.encode_prompt(captions, device)
@@ -390,7 +424,8 @@ def run_from_args(args):
                                 threads=args.threads, device=args.device, resume=args.resume, command=command)
     return train_small(
         args.kind, output, work_dir, minutes=args.minutes, max_steps=args.max_steps,
-        batch_size=args.batch_size or (12 if args.kind == "wan" else 32), lr=args.lr or 1e-3, warmup=args.warmup,
+        batch_size=args.batch_size or 32, lr=args.lr or 1e-3, warmup=args.warmup,
+        text_encoder_from=args.text_encoder_from, timestep_shift=args.timestep_shift,
         cooldown_from=args.cooldown_from, ema_decay=args.ema_decay, data_seed=args.data_seed, seed=args.seed, threads=args.threads,
         device=args.device, resume=args.resume, save_every=args.save_every, sample_every=args.sample_every,
         save_dtype=args.save_dtype, command=command,

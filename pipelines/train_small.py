@@ -38,7 +38,7 @@ import torch
 from .shapes import ShapesDataset, ShapesVideoDataset
 from .small import build_pipeline, load_small
 
-__all__ = ["train_small", "collate", "sample_sigmas", "lr_at", "run_from_args", "SAVE_DTYPES"]
+__all__ = ["train_small", "collate", "sample_sigmas", "noisy_batch", "lr_at", "run_from_args", "SAVE_DTYPES"]
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -113,6 +113,18 @@ def sample_sigmas(n, generator, shift=1.0):
     ``shift`` does at sampling time, ``sigma -> shift * sigma / (1 + (shift - 1) * sigma)``."""
     sigma = torch.sigmoid(torch.randn(n, generator=generator))
     return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def noisy_batch(x0, captions, generator, caption_dropout=0.1, shift=1.0):
+    """One flow-matching training batch from clean samples ``x0`` (CPU) and their captions, drawn from
+    ``generator`` in this order: the captions dropped to ``""`` (probability ``caption_dropout``), the noise, the
+    noise levels (:func:`sample_sigmas`).  Returns ``(captions, x_sigma, sigma, target velocity noise - x0)``."""
+    drop = torch.rand(len(captions), generator=generator) < caption_dropout
+    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    noise = torch.randn(x0.shape, generator=generator)
+    sigma = sample_sigmas(x0.shape[0], generator, shift)
+    s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+    return captions, (1 - s) * x0 + s * noise, sigma, noise - x0
 
 
 def lr_at(step, lr, warmup=200, cooldown_from=None, max_steps=None, final_lr_ratio=0.02):
@@ -272,17 +284,11 @@ def train_small(
         if time.time() - t0 > minutes * 60:
             break
         idx = np.arange(step * batch_size, (step + 1) * batch_size)
-        x0, captions = collate(dataset, idx)
-        drop = torch.rand(len(captions), generator=gen) < caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        x0 = x0.to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        sigma = sample_sigmas(x0.shape[0], gen, timestep_shift).to(device)
-        s = sigma.view(-1, *([1] * (x0.dim() - 1)))
-        xt = (1 - s) * x0 + s * noise
+        captions, xt, sigma, target = noisy_batch(*collate(dataset, idx), gen, caption_dropout, timestep_shift)
+        xt, sigma, target = xt.to(device), sigma.to(device), target.to(device)
         text, pooled = pipe.encode_prompt(captions, device)
         pred = pipe.predict(xt, sigma, text, pooled)
-        loss = torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -369,14 +375,9 @@ def distill_linfusion(
             json.dump(info, f, indent=2)
 
     while (max_steps is None or step < max_steps) and time.time() - t0 < minutes * 60:
-        x0, captions = collate(dataset, np.arange(step * batch_size, (step + 1) * batch_size))
-        drop = torch.rand(len(captions), generator=gen) < 0.1
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        noise = torch.randn(x0.shape, generator=gen)
-        sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=gen))
-        s = sigma.view(-1, 1, 1, 1)
-        xt = ((1 - s) * x0 + s * noise).to(device)
-        sigma = sigma.to(device)
+        captions, xt, sigma, _ = noisy_batch(*collate(dataset, np.arange(step * batch_size, (step + 1) * batch_size)),
+                                             gen)
+        xt, sigma = xt.to(device), sigma.to(device)
         with torch.no_grad():
             text, pooled = pipe.encode_prompt(captions, device)
             target = teacher_pipe.predict(xt, sigma, text, pooled)

@@ -1,7 +1,7 @@
 """Does a small Wan model use its text?  docs/small-models.md ("Why small-wan needs the noise shift").
 
     python docs/snippets/wan_text_use.py measure small-wan      # a trained pipeline (name or folder)
-    python docs/snippets/wan_text_use.py train 3.0 300          # from scratch: timestep shift, steps (prints every 50)
+    python docs/snippets/wan_text_use.py train 3.0 400          # from scratch: timestep shift, steps (prints every 50)
 
 Prints the velocity loss at sigma 0.9 on 16 held-out clips with their own captions and with the captions
 rotated by one (wrong ones): a model that uses its text has a clearly lower first number.  `train` uses the
@@ -13,7 +13,7 @@ import torch
 
 from diffaccel.pipelines.shapes import ShapesVideoDataset
 from diffaccel.pipelines.small import build_pipeline, load_small
-from diffaccel.pipelines.train_small import _copy_text_encoder, collate, sample_sigmas
+from diffaccel.pipelines.train_small import _copy_text_encoder, collate, lr_at, noisy_batch
 
 
 def text_use(pipe):
@@ -38,19 +38,14 @@ def train(shift, steps, batch=16):
     opt = torch.optim.AdamW(params, 1e-3, betas=(0.9, 0.99), weight_decay=0.01)
     gen = torch.Generator().manual_seed(0)
     for step in range(steps):
-        x0, captions = collate(data, range(step * batch, (step + 1) * batch))
-        drop = torch.rand(batch, generator=gen) < 0.1
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        noise = torch.randn(x0.shape, generator=gen)
-        sigma = sample_sigmas(batch, gen, shift)
-        s = sigma.view(-1, 1, 1, 1, 1)
-        loss = ((pipe.predict((1 - s) * x0 + s * noise, sigma, *pipe.encode_prompt(captions, "cpu"))
-                 - (noise - x0)) ** 2).mean()
+        captions, xt, sigma, target = noisy_batch(*collate(data, range(step * batch, (step + 1) * batch)), gen,
+                                                  shift=shift)
+        loss = ((pipe.predict(xt, sigma, *pipe.encode_prompt(captions, "cpu")) - target) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:
-            g["lr"] = 1e-3 * min(1.0, (step + 1) / 100)
+            g["lr"] = lr_at(step, 1e-3, warmup=100)
         opt.step()
         if (step + 1) % 50 == 0:
             print(f"shift {shift} step {step + 1}: loss with own / wrong captions {text_use(pipe)}", flush=True)

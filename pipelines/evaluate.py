@@ -444,6 +444,17 @@ def _generate(pipe, prompts, seeds, height, width, steps, guidance, batch_size):
     return torch.cat(outs), seconds
 
 
+def dense_accuracy(pipe, classifier, num_prompts: int, steps: int = 16, guidance: float = 4.0,
+                   batch_size: int = 8) -> dict:
+    """The classifier's accuracy on ``pipe``'s samples of the first ``num_prompts`` :func:`eval_prompts` (video
+    prompts for video models) at the native size, seeds ``0 .. num_prompts - 1``, with whatever attention the
+    pipeline has (full attention unless a method is applied)."""
+    prompts = eval_prompts(num_prompts, video=_family(pipe) == "wan")
+    size = pipe.config.sample_size
+    x, _ = _generate(pipe, prompts, range(num_prompts), size, size, steps, guidance, batch_size)
+    return classifier_accuracy(classifier, x, prompts)
+
+
 def evaluate(models=("small-flux",), settings=None, scales=(1, 2, 4), video_scales=None, num_prompts=8, steps=20,
              guidance=4.0, seed=0, batch_size=4, classifier="shape-classifier", device="cpu", progress=False,
              log=None):

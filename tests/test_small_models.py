@@ -142,23 +142,11 @@ def test_shipped_model_loads_offline_and_generates(pipes, name):
     assert x2.shape[-2:] == (2 * native, native)
 
 
-def _dense_accuracy(pipe, classifier, n=8, steps=16):
-    video = isinstance(pipe, small.SmallWanPipeline)
-    prompts = evaluate.eval_prompts(n, video=video)
-    accs = []
-    for i in range(0, n, 8):  # batches of 8, seeds 0..n-1 (as docs/snippets/dense_accuracy.py)
-        ps = prompts[i:i + 8]
-        gens = [torch.Generator().manual_seed(j) for j in range(i, i + len(ps))]
-        out = pipe(ps, num_inference_steps=steps, generator=gens, output_type="pt")
-        accs.append(evaluate.classifier_accuracy(classifier, out.frames if video else out.images, ps))
-    return {k: sum(a[k] for a in accs) / len(accs) for k in accs[0]}
-
-
 def test_dense_flux_draws_the_prompted_shapes_and_colours(pipes, classifier):
     """Full attention at the native size: the classifier recognises the prompted colour and background of small-flux
     (the `generate` default) well above chance (~1/5), and its shapes above chance (1/4) on the 48 prompts of
     docs/small-models.md (measured 0.58; its shapes are rougher than small-unet's, see Limits there)."""
-    acc = _dense_accuracy(_pipe(pipes, "small-flux"), classifier, n=48)
+    acc = evaluate.dense_accuracy(_pipe(pipes, "small-flux"), classifier, 48)
     assert acc["colour"] >= MIN_COLOUR_ACC and acc["background"] >= MIN_COLOUR_ACC, acc
     assert acc["shape"] >= MIN_FLUX_SHAPE_ACC, acc
 
@@ -166,7 +154,7 @@ def test_dense_flux_draws_the_prompted_shapes_and_colours(pipes, classifier):
 def test_dense_unet_draws_the_prompted_shapes_and_colours(pipes, classifier):
     """Full attention at the native size: the classifier recognises the prompted shape (chance 1/4), colour and
     background of the small UNet's samples well above chance."""
-    acc = _dense_accuracy(_pipe(pipes, "small-unet"), classifier)
+    acc = evaluate.dense_accuracy(_pipe(pipes, "small-unet"), classifier, 8)
     assert acc["shape"] >= MIN_SHAPE_ACC and acc["pair"] >= MIN_SHAPE_ACC, acc
     assert acc["colour"] >= MIN_COLOUR_ACC and acc["background"] >= MIN_COLOUR_ACC, acc
 
@@ -174,7 +162,7 @@ def test_dense_unet_draws_the_prompted_shapes_and_colours(pipes, classifier):
 def test_dense_wan_draws_the_prompted_colours(pipes, classifier):
     """Full attention at the native size: small-wan's clips (every frame) have the prompted colour and background
     well above chance (~1/5); its shapes are not asserted (0.34 on 48 prompts, chance 1/4; docs/small-models.md)."""
-    acc = _dense_accuracy(_pipe(pipes, "small-wan"), classifier, n=16)
+    acc = evaluate.dense_accuracy(_pipe(pipes, "small-wan"), classifier, 16)
     assert acc["colour"] >= MIN_COLOUR_ACC and acc["background"] >= MIN_COLOUR_ACC, acc
 
 

@@ -104,7 +104,8 @@ def _cmd_eval(args):
     settings = None if not args.settings else [evaluate.parse_setting(s) for s in args.settings]
     out = evaluate.evaluate(
         models=tuple(args.models), settings=settings, scales=tuple(args.scales),
-        video_scales=tuple(args.video_scales) if args.video_scales else None, num_prompts=args.num_prompts, steps=args.steps,
+        video_scales=tuple(args.video_scales) if args.video_scales else None,
+        num_prompts=args.num_prompts, steps=args.steps,
         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
         classifier=None if args.no_classifier else args.classifier, device=device, progress=args.progress,
         log=lambda m: print(m, file=sys.stderr, flush=True),

@@ -9,29 +9,36 @@ with the captions rotated by one (wrong ones): a model that uses its text has a 
 `words` prints, at sigma 0.3 / 0.5 / 0.7 / 0.9 on 32 held-out samples (clips for Wan, images otherwise), the
 loss with the own captions, with every shape word replaced by the next shape (star -> circle, ...) and with
 every colour word replaced by the next colour: the gap to the first number is how much the model uses that
-kind of word.  `train` uses the
-default small-wan architecture, batch 16, AdamW 1e-3 (100 warm-up steps), the text encoder from small-flux,
-logit-normal noise levels shifted by the given shift, 2 threads."""
+kind of word.  `train` uses the default small-wan architecture, batch 16, AdamW 1e-3 (100 warm-up steps), the
+text encoder from small-flux, logit-normal noise levels shifted by the given shift.  All modes use 2 threads."""
 import re
 import sys
 
 import torch
 
 from diffaccel.pipelines.shapes import COLOR_NAMES, SHAPES, ShapesDataset, ShapesVideoDataset
-from diffaccel.pipelines.small import build_pipeline, load_small
+from diffaccel.pipelines.small import SmallWanPipeline, build_pipeline, load_small
 from diffaccel.pipelines.train_small import _copy_text_encoder, collate, lr_at, noisy_batch
 
 
+def _held_out(n, video=True):
+    """``n`` held-out samples (clips or images, dataset seed 5), their captions and fixed noise."""
+    data = ShapesVideoDataset(5, 100, 32, frames=4) if video else ShapesDataset(5, 100, 32)
+    x0 = torch.stack([data[i]["pixels"] for i in range(n)])
+    captions = [data[i]["caption"] for i in range(n)]
+    return x0, captions, torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def _loss(pipe, x0, noise, s, captions):
+    """The velocity loss of ``pipe`` at noise level ``s`` with ``captions``, rounded to 4 decimals."""
+    v = pipe.predict((1 - s) * x0 + s * noise, torch.full((len(x0),), s), *pipe.encode_prompt(captions, "cpu"))
+    return round(float(((v - (noise - x0)) ** 2).mean()), 4)
+
+
 def text_use(pipe):
-    data = ShapesVideoDataset(5, 100, 32, frames=4)
-    x0 = torch.stack([data[i]["pixels"] for i in range(16)])
-    captions = [data[i]["caption"] for i in range(16)]
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
-    xt, sigma, target = 0.1 * x0 + 0.9 * noise, torch.full((16,), 0.9), noise - x0
-    with torch.no_grad():
-        own = pipe.predict(xt, sigma, *pipe.encode_prompt(captions, "cpu"))
-        wrong = pipe.predict(xt, sigma, *pipe.encode_prompt(captions[1:] + captions[:1], "cpu"))
-    return round(float(((own - target) ** 2).mean()), 4), round(float(((wrong - target) ** 2).mean()), 4)
+    x0, captions, noise = _held_out(16)
+    return _loss(pipe, x0, noise, 0.9, captions), _loss(pipe, x0, noise, 0.9, captions[1:] + captions[:1])
 
 
 def _next_word(caption, words):
@@ -39,24 +46,14 @@ def _next_word(caption, words):
 
 
 def word_use(pipe, n=32):
-    video = type(pipe).__name__ == "SmallWanPipeline"
-    data = ShapesVideoDataset(5, 100, 32, frames=4) if video else ShapesDataset(5, 100, 32)
-    x0 = torch.stack([data[i]["pixels"] for i in range(n)])
-    captions = [data[i]["caption"] for i in range(n)]
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    x0, captions, noise = _held_out(n, video=isinstance(pipe, SmallWanPipeline))
+    variants = (captions, [_next_word(c, SHAPES) for c in captions], [_next_word(c, COLOR_NAMES) for c in captions])
     for s in (0.3, 0.5, 0.7, 0.9):
-        xt, sigma = (1 - s) * x0 + s * noise, torch.full((n,), s)
-        losses = []
-        for caps in (captions, [_next_word(c, SHAPES) for c in captions],
-                     [_next_word(c, COLOR_NAMES) for c in captions]):
-            with torch.no_grad():
-                v = pipe.predict(xt, sigma, *pipe.encode_prompt(caps, "cpu"))
-            losses.append(round(float(((v - (noise - x0)) ** 2).mean()), 4))
+        losses = [_loss(pipe, x0, noise, s, caps) for caps in variants]
         print(f"sigma {s}: loss with own / shape-swapped / colour-swapped captions {losses}", flush=True)
 
 
 def train(shift, steps, batch=16):
-    torch.set_num_threads(2)
     torch.manual_seed(0)
     pipe = build_pipeline("wan")
     _copy_text_encoder(pipe, "small-flux")

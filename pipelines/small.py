@@ -235,7 +235,7 @@ class _SmallPipeline(DiffusionPipeline):
         if not self._video and num_frames is not None:
             raise TypeError(f"{type(self).__name__} generates images; num_frames is for video pipelines")
         if self._video:
-            num_frames = int(num_frames or self.config.num_frames)
+            num_frames = self._check_frames(self.config.num_frames if num_frames is None else num_frames)
         height = height or self.config.sample_size
         width = width or self.config.sample_size
         self._check_size(height, width)
@@ -374,6 +374,13 @@ class SmallWanPipeline(_SmallPipeline):
     def _size_multiple(self):
         _, ph, pw = self.transformer.config.patch_size
         return math.lcm(int(ph), int(pw))
+
+    def _check_frames(self, num_frames):
+        pt = int(self.transformer.config.patch_size[0])
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < pt or num_frames % pt:
+            raise ValueError(f"num_frames must be a positive multiple of {pt} (the temporal patch size) for "
+                             f"{type(self).__name__}, got {num_frames!r}")
+        return num_frames
 
     def _noise_shape(self, batch, height, width, num_frames):
         return (batch, 3, num_frames, height, width)

@@ -333,9 +333,18 @@ def test_train_small_text_encoder_from_another_model(tmp_path):
         _copy_text_encoder(other, "small-flux")
 
 
-def test_wan_sizes_follow_the_patch_size(pipes):
-    pipe = _pipe(pipes, "small-wan")
-    step = math.lcm(*pipe.transformer.config.patch_size[1:])
-    assert step > 2  # the shipped model has 4 x 4 spatial patches: 2-pixel multiples would not tile
-    with pytest.raises(ValueError, match=f"height must be a positive multiple of {step}"):
-        pipe("a red circle on a blue background", height=pipe.config.sample_size + 2, num_inference_steps=1)
+@pytest.mark.parametrize("patch", [(1, 4, 4), (2, 2, 2)])
+def test_wan_sizes_follow_the_patch_size(patch):
+    """Height and width must tile into spatial patches and the frame count into temporal ones; bad values are
+    refused by name before any work."""
+    pipe = small.build_pipeline("wan", denoiser=dict(patch_size=patch, num_layers=1, ffn_dim=32))
+    pipe.set_progress_bar_config(disable=True)
+    pt, ph, _ = patch
+    prompt = "a red circle on a blue background"
+    with pytest.raises(ValueError, match=f"height must be a positive multiple of {ph}"):
+        pipe(prompt, height=pipe.config.sample_size + 1, num_inference_steps=1)
+    for frames in [0, 2.0] + ([pt + 1] if pt > 1 else []):
+        with pytest.raises(ValueError, match=f"num_frames must be a positive multiple of {pt}"):
+            pipe(prompt, num_frames=frames, num_inference_steps=1)
+    out = pipe(prompt, height=2 * ph, width=3 * ph, num_frames=2 * pt, num_inference_steps=1, output_type="pt")
+    assert out.frames.shape == (1, 3, 2 * pt, 2 * ph, 3 * ph)

@@ -6,6 +6,7 @@ group (see ``pyproject.toml``): :func:`register` adds them to its subparsers.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -144,6 +145,9 @@ def _add_train_small_arguments(p):
     p.add_argument("--timestep-shift", type=float, metavar="SHIFT",
                    help="shift the training noise levels up, sigma -> SHIFT*sigma/(1+(SHIFT-1)*sigma) (default: the "
                         "pipeline scheduler's shift, which sampling uses: 1 for flux/unet, 3 for wan)")
+    p.add_argument("--patch-size", type=_patch_size, metavar="T,H,W",
+                   help="wan: the transformer's patch size (default 1,4,4 as DEFAULT_CONFIGS); a resumed run keeps "
+                        "its checkpoint's")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--data-seed", type=int, default=0, help="seed of the shapes dataset")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and noise")
@@ -154,6 +158,13 @@ def _add_train_small_arguments(p):
     p.add_argument("--sample-every", type=int, default=1000, help="write a preview grid every N steps")
     p.add_argument("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of the exported weights")
     p.add_argument("--teacher", default="small-unet", help="linfusion: the small UNet pipeline to distil from")
+
+
+def _patch_size(text):
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--patch-size must be T,H,W integers, got {text!r}") from None
 
 
 def _cmd_train_small(args):

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .shapes import ShapesDataset, ShapesVideoDataset
-from .small import build_pipeline, load_small
+from .small import DEFAULT_CONFIGS, build_pipeline, load_small
 
 __all__ = ["train_small", "collate", "sample_sigmas", "noisy_batch", "lr_at", "run_from_args", "SAVE_DTYPES"]
 
@@ -60,6 +60,25 @@ def _state(pipe):
 def _load_state(pipe, state):
     pipe.denoiser.load_state_dict(state["denoiser"])
     pipe.text_encoder.load_state_dict(state["text_encoder"])
+
+
+def _check_patch_size(kind, patch_size, ck, init_from):
+    """The patch size a run builds its model with: ``patch_size`` (Wan only, three positive ints), or a resumed
+    checkpoint's; ``None`` for the default."""
+    saved = tuple(ck["patch_size"]) if ck is not None and ck.get("patch_size") else None
+    if patch_size is None:
+        return saved
+    patch_size = tuple(patch_size)
+    if kind != "wan":
+        raise ValueError(f"patch_size (--patch-size) is for wan runs, not {kind!r}")
+    if init_from:
+        raise ValueError("patch_size (--patch-size) cannot be combined with init_from (the model has its own patch)")
+    if len(patch_size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in patch_size):
+        raise ValueError(f"patch_size (--patch-size) must be three positive integers (t, h, w), got {patch_size!r}")
+    if ck is not None and patch_size != (saved or tuple(DEFAULT_CONFIGS[kind]["transformer"]["patch_size"])):
+        raise ValueError(f"patch_size (--patch-size) {patch_size} differs from the resumed checkpoint's "
+                         f"{saved or 'default'}")
+    return patch_size
 
 
 @torch.no_grad()
@@ -160,6 +179,7 @@ def train_small(
     resume: bool = False,
     init_from: str | None = None,
     text_encoder_from: str | None = None,
+    patch_size: tuple | None = None,
     save_every: int = 200,
     log_every: int = 20,
     sample_every: int = 500,
@@ -173,7 +193,8 @@ def train_small(
     pipeline name or folder with the same tokenizer and text-encoder architecture) starts the text encoder from
     that pipeline's trained weights instead of random ones (it still trains jointly).  ``timestep_shift``
     (default: the pipeline scheduler's ``shift``, which sampling uses) moves the training noise levels up:
-    ``sigma -> shift * sigma / (1 + (shift - 1) * sigma)``.  Returns a summary dict."""
+    ``sigma -> shift * sigma / (1 + (shift - 1) * sigma)``.  ``patch_size`` (Wan only, ``(t, h, w)``) replaces
+    the default patch of :data:`DEFAULT_CONFIGS`; a resumed run keeps its checkpoint's.  Returns a summary dict."""
     if cooldown_from is not None and max_steps is None:
         raise ValueError("cooldown_from (--cooldown-from) needs max_steps (--max-steps), the step where the decay ends")
     if threads:
@@ -181,10 +202,14 @@ def train_small(
     os.makedirs(work_dir, exist_ok=True)
     ckpt_path = os.path.join(work_dir, "checkpoint.pt")
     torch.manual_seed(seed)
+    ck = torch.load(ckpt_path, map_location=device, weights_only=False) if resume and os.path.isfile(ckpt_path) else None
+    if ck is not None and ck["kind"] != kind:
+        raise ValueError(f"{ckpt_path} holds a {ck['kind']!r} run, not {kind!r}")
+    patch_size = _check_patch_size(kind, patch_size, ck, init_from)
     if init_from:
         pipe = load_small(init_from)
     else:
-        pipe = build_pipeline(kind, seed=seed)
+        pipe = build_pipeline(kind, seed=seed, denoiser=dict(patch_size=patch_size) if patch_size else None)
     if text_encoder_from and not resume:
         _copy_text_encoder(pipe, text_encoder_from)
     pipe.to(device)
@@ -205,10 +230,7 @@ def train_small(
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema = [p.detach().clone() for p in params]
     step, elapsed_before, runs = 0, 0.0, []
-    if resume and os.path.isfile(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ck["kind"] != kind:
-            raise ValueError(f"{ckpt_path} holds a {ck['kind']!r} run, not {kind!r}")
+    if ck is not None:
         _load_state(pipe, ck["model"])
         opt.load_state_dict(ck["optimizer"])
         for e, v in zip(ema, ck["ema"]):
@@ -232,7 +254,8 @@ def train_small(
         return runs + [dict(command=command, end_step=step, minutes=round((time.time() - t0) / 60, 1))]
 
     def save(final=False):
-        ck = dict(kind=kind, step=step, elapsed=elapsed_before + time.time() - t0, runs=_runs(), model=_state(pipe),
+        ck = dict(kind=kind, patch_size=patch_size, step=step, elapsed=elapsed_before + time.time() - t0, runs=_runs(),
+                  model=_state(pipe),
                   optimizer=opt.state_dict(), ema=[e.cpu() for e in ema], rng=torch.get_rng_state())
         tmp = ckpt_path + ".tmp"
         torch.save(ck, tmp)
@@ -426,7 +449,7 @@ def run_from_args(args):
     return train_small(
         args.kind, output, work_dir, minutes=args.minutes, max_steps=args.max_steps,
         batch_size=args.batch_size or 32, lr=args.lr or 1e-3, warmup=args.warmup,
-        text_encoder_from=args.text_encoder_from, timestep_shift=args.timestep_shift,
+        text_encoder_from=args.text_encoder_from, timestep_shift=args.timestep_shift, patch_size=args.patch_size,
         cooldown_from=args.cooldown_from, ema_decay=args.ema_decay, data_seed=args.data_seed, seed=args.seed, threads=args.threads,
         device=args.device, resume=args.resume, save_every=args.save_every, sample_every=args.sample_every,
         save_dtype=args.save_dtype, command=command,

@@ -348,3 +348,27 @@ def test_wan_sizes_follow_the_patch_size(patch):
             pipe(prompt, num_frames=frames, num_inference_steps=1)
     out = pipe(prompt, height=2 * ph, width=3 * ph, num_frames=2 * pt, num_inference_steps=1, output_type="pt")
     assert out.frames.shape == (1, 3, 2 * pt, 2 * ph, 3 * ph)
+
+
+def test_train_small_wan_patch_size(tmp_path):
+    """`--patch-size` builds the Wan transformer with that patch (in the exported config); a resumed run keeps its
+    checkpoint's, and a different one, a non-Wan run or a malformed value is refused, naming the argument."""
+    from diffaccel.pipelines.train_small import train_small
+
+    out, work = tmp_path / "model", tmp_path / "run"
+    args = ["train-small", "wan", "--max-steps", "1", "--batch-size", "2", "--output", str(out), "--work-dir",
+            str(work), "--save-every", "0", "--sample-every", "0", "--save-dtype", "fp32"]
+    cli_main(args + ["--patch-size", "2,2,2"])
+    assert tuple(small.load_small(str(out)).transformer.config.patch_size) == (2, 2, 2)
+    cli_main(args[:3] + ["2"] + args[4:] + ["--resume"])
+    info = json.loads((out / "training.json").read_text())
+    assert info["steps"] == 2 and "--patch-size 2,2,2" in info["runs"][0]["command"]
+    assert tuple(small.load_small(str(out)).transformer.config.patch_size) == (2, 2, 2)
+    with pytest.raises(ValueError, match=r"--patch-size\) \(1, 4, 4\) differs"):
+        cli_main(args[:3] + ["3"] + args[4:] + ["--resume", "--patch-size", "1,4,4"])
+    with pytest.raises(ValueError, match="--patch-size.*wan runs"):
+        train_small("flux", str(tmp_path / "o"), str(tmp_path / "w"), patch_size=(1, 2, 2))
+    with pytest.raises(ValueError, match="--patch-size.*three positive integers"):
+        train_small("wan", str(tmp_path / "o"), str(tmp_path / "w"), patch_size=(2, 2))
+    with pytest.raises(SystemExit):
+        cli_main(args + ["--patch-size", "2x2"])

@@ -21,9 +21,10 @@ from diffaccel.pipelines.small import SmallWanPipeline, build_pipeline, load_sma
 from diffaccel.pipelines.train_small import _copy_text_encoder, collate, lr_at, noisy_batch
 
 
-def _held_out(n, video=True):
-    """``n`` held-out samples (clips or images, dataset seed 5), their captions and fixed noise."""
-    data = ShapesVideoDataset(5, 100, 32, frames=4) if video else ShapesDataset(5, 100, 32)
+def _held_out(n, frames=4):
+    """``n`` held-out samples (clips of ``frames`` frames, or images for ``None``; dataset seed 5), their captions
+    and fixed noise."""
+    data = ShapesVideoDataset(5, 100, 32, frames=frames) if frames else ShapesDataset(5, 100, 32)
     x0 = torch.stack([data[i]["pixels"] for i in range(n)])
     captions = [data[i]["caption"] for i in range(n)]
     return x0, captions, torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
@@ -37,7 +38,7 @@ def _loss(pipe, x0, noise, s, captions):
 
 
 def text_use(pipe):
-    x0, captions, noise = _held_out(16)
+    x0, captions, noise = _held_out(16, pipe.config.num_frames)
     return _loss(pipe, x0, noise, 0.9, captions), _loss(pipe, x0, noise, 0.9, captions[1:] + captions[:1])
 
 
@@ -46,7 +47,7 @@ def _next_word(caption, words):
 
 
 def word_use(pipe, n=32):
-    x0, captions, noise = _held_out(n, video=isinstance(pipe, SmallWanPipeline))
+    x0, captions, noise = _held_out(n, pipe.config.num_frames if isinstance(pipe, SmallWanPipeline) else None)
     variants = (captions, [_next_word(c, SHAPES) for c in captions], [_next_word(c, COLOR_NAMES) for c in captions])
     for s in (0.3, 0.5, 0.7, 0.9):
         losses = [_loss(pipe, x0, noise, s, caps) for caps in variants]

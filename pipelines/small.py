@@ -200,11 +200,16 @@ class _SmallPipeline(DiffusionPipeline):
         dtype = self.denoiser.dtype
         return out.last_hidden_state.to(dtype), out.pooler_output.to(dtype)
 
+    def _check_multiple(self, name, value, m, why=""):
+        """``value`` if it is an int and a positive multiple of ``m``, else a ValueError naming ``name``."""
+        if isinstance(value, bool) or not isinstance(value, int) or value < m or value % m:
+            raise ValueError(f"{name} must be a positive multiple of {m}{why} for {type(self).__name__}, got {value!r}")
+        return value
+
     def _check_size(self, height, width):
         m = self._size_multiple()
         for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v < m or v % m:
-                raise ValueError(f"{name} must be a positive multiple of {m} for {type(self).__name__}, got {v!r}")
+            self._check_multiple(name, v, m)
 
     def _noise_shape(self, batch, height, width, num_frames):
         return (batch, 3, height, width)
@@ -377,10 +382,7 @@ class SmallWanPipeline(_SmallPipeline):
 
     def _check_frames(self, num_frames):
         pt = int(self.transformer.config.patch_size[0])
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < pt or num_frames % pt:
-            raise ValueError(f"num_frames must be a positive multiple of {pt} (the temporal patch size) for "
-                             f"{type(self).__name__}, got {num_frames!r}")
-        return num_frames
+        return self._check_multiple("num_frames", num_frames, pt, " (the temporal patch size)")
 
     def _noise_shape(self, batch, height, width, num_frames):
         return (batch, 3, num_frames, height, width)

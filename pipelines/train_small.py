@@ -75,7 +75,8 @@ def _check_patch_size(kind, patch_size, ck, init_from):
         raise ValueError("patch_size (--patch-size) cannot be combined with init_from (the model has its own patch)")
     if len(patch_size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in patch_size):
         raise ValueError(f"patch_size (--patch-size) must be three positive integers (t, h, w), got {patch_size!r}")
-    if ck is not None and patch_size != (saved or tuple(DEFAULT_CONFIGS[kind]["transformer"]["patch_size"])):
+    resumed = saved or tuple(DEFAULT_CONFIGS[kind]["transformer"]["patch_size"])
+    if ck is not None and patch_size != resumed:
         raise ValueError(f"patch_size (--patch-size) {patch_size} differs from the resumed checkpoint's "
                          f"{saved or 'default'}")
     return patch_size
@@ -255,8 +256,7 @@ def train_small(
 
     def save(final=False):
         ck = dict(kind=kind, patch_size=patch_size, step=step, elapsed=elapsed_before + time.time() - t0, runs=_runs(),
-                  model=_state(pipe),
-                  optimizer=opt.state_dict(), ema=[e.cpu() for e in ema], rng=torch.get_rng_state())
+                  model=_state(pipe), optimizer=opt.state_dict(), ema=[e.cpu() for e in ema], rng=torch.get_rng_state())
         tmp = ckpt_path + ".tmp"
         torch.save(ck, tmp)
         os.replace(tmp, ckpt_path)

@@ -148,6 +148,9 @@ def _add_train_small_arguments(p):
     p.add_argument("--patch-size", type=_patch_size, metavar="T,H,W",
                    help="wan: the transformer's patch size (default 1,4,4 as DEFAULT_CONFIGS); a resumed run keeps "
                         "its checkpoint's")
+    p.add_argument("--image-fraction", type=float, default=0.0, metavar="F",
+                   help="wan: make this fraction of the steps image steps (single-frame clips of the image dataset, "
+                        "as Wan trains jointly on images and videos; needs a temporal patch of 1)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--data-seed", type=int, default=0, help="seed of the shapes dataset")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and noise")

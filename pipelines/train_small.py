@@ -38,7 +38,7 @@ import torch
 from .shapes import ShapesDataset, ShapesVideoDataset
 from .small import DEFAULT_CONFIGS, build_pipeline, load_small
 
-__all__ = ["train_small", "collate", "sample_sigmas", "noisy_batch", "lr_at", "run_from_args", "SAVE_DTYPES"]
+__all__ = ["train_small", "collate", "sample_sigmas", "noisy_batch", "lr_at", "is_image_step", "run_from_args", "SAVE_DTYPES"]
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -80,6 +80,23 @@ def _check_patch_size(kind, patch_size, ck, init_from):
         raise ValueError(f"patch_size (--patch-size) {patch_size} differs from the resumed checkpoint's "
                          f"{saved or 'default'}")
     return patch_size
+
+
+def _check_image_fraction(kind, image_fraction, pipe):
+    if not isinstance(image_fraction, (int, float)) or isinstance(image_fraction, bool) or not 0 <= image_fraction < 1:
+        raise ValueError(f"image_fraction (--image-fraction) must be a number in [0, 1), got {image_fraction!r}")
+    if image_fraction and kind != "wan":
+        raise ValueError(f"image_fraction (--image-fraction) is for wan runs, not {kind!r}")
+    t_patch = pipe.denoiser.config.patch_size[0] if image_fraction else 1
+    if t_patch != 1:
+        raise ValueError(f"image_fraction (--image-fraction) needs a temporal patch of 1 (single-frame clips), "
+                         f"the model's is {t_patch}")
+
+
+def is_image_step(step, image_fraction):
+    """Whether training step ``step`` (0-based) of a Wan run with ``image_fraction`` is an image step: the
+    image steps are spread evenly, ``floor((step + 1) f) > floor(step f)``."""
+    return int((step + 1) * image_fraction) > int(step * image_fraction)
 
 
 @torch.no_grad()
@@ -181,6 +198,7 @@ def train_small(
     init_from: str | None = None,
     text_encoder_from: str | None = None,
     patch_size: tuple | None = None,
+    image_fraction: float = 0.0,
     save_every: int = 200,
     log_every: int = 20,
     sample_every: int = 500,
@@ -195,12 +213,14 @@ def train_small(
     that pipeline's trained weights instead of random ones (it still trains jointly).  ``timestep_shift``
     (default: the pipeline scheduler's ``shift``, which sampling uses) moves the training noise levels up:
     ``sigma -> shift * sigma / (1 + (shift - 1) * sigma)``.  ``patch_size`` (Wan only, ``(t, h, w)``) replaces
-    the default patch of :data:`DEFAULT_CONFIGS`; a resumed run keeps its checkpoint's.  Returns a summary dict."""
+    the default patch of :data:`DEFAULT_CONFIGS`; a resumed run keeps its checkpoint's.  ``image_fraction`` (Wan
+    only, temporal patch 1) makes that fraction of the steps image steps, as Wan is trained jointly on images and
+    videos: a batch of single-frame clips of :class:`ShapesDataset` (captions without motion); step ``i`` is one
+    when ``floor((i + 1) f) > floor(i f)``.  Returns a summary dict."""
     if cooldown_from is not None and max_steps is None:
         raise ValueError("cooldown_from (--cooldown-from) needs max_steps (--max-steps), the step where the decay ends")
     if threads:
         torch.set_num_threads(int(threads))
-    os.makedirs(work_dir, exist_ok=True)
     ckpt_path = os.path.join(work_dir, "checkpoint.pt")
     torch.manual_seed(seed)
     ck = torch.load(ckpt_path, map_location=device, weights_only=False) if resume and os.path.isfile(ckpt_path) else None
@@ -211,6 +231,7 @@ def train_small(
         pipe = load_small(init_from)
     else:
         pipe = build_pipeline(kind, seed=seed, denoiser=dict(patch_size=patch_size) if patch_size else None)
+    _check_image_fraction(kind, image_fraction, pipe)
     if text_encoder_from and not resume:
         _copy_text_encoder(pipe, text_encoder_from)
     pipe.to(device)
@@ -218,12 +239,11 @@ def train_small(
         timestep_shift = float(pipe.scheduler.config.get("shift", 1.0))
     if not timestep_shift > 0:
         raise ValueError(f"timestep_shift (--timestep-shift) must be > 0, got {timestep_shift!r}")
+    os.makedirs(work_dir, exist_ok=True)
     video = kind == "wan"
     size = pipe.config.sample_size
-    if video:
-        dataset = ShapesVideoDataset(data_seed, dataset_size, size, frames=pipe.config.num_frames)
-    else:
-        dataset = ShapesDataset(data_seed, dataset_size, size)
+    dataset = ShapesDataset(data_seed, dataset_size, size)
+    videos = ShapesVideoDataset(data_seed, dataset_size, size, frames=pipe.config.num_frames) if video else None
 
     params = [p for m in _trainable(pipe) for p in m.parameters()]
     for m in _trainable(pipe):
@@ -288,7 +308,7 @@ def train_small(
                                                                       final_lr_ratio=final_lr_ratio),
                     minutes_trained=round((elapsed_before + time.time() - t0) / 60, 1), final_loss=recent,
                     data_seed=data_seed, seed=seed, weights_dtype=save_dtype, text_encoder_from=text_encoder_from,
-                    timestep_shift=timestep_shift,
+                    timestep_shift=timestep_shift, image_fraction=image_fraction,
                     command=command, continue_with=_continue_command(command), runs=_runs())
         with open(os.path.join(tmp, "training.json"), "w") as f:
             json.dump(info, f, indent=2)
@@ -307,7 +327,12 @@ def train_small(
         if time.time() - t0 > minutes * 60:
             break
         idx = np.arange(step * batch_size, (step + 1) * batch_size)
-        captions, xt, sigma, target = noisy_batch(*collate(dataset, idx), gen, caption_dropout, timestep_shift)
+        if video and not is_image_step(step, image_fraction):
+            x0, captions = collate(videos, idx)
+        else:
+            x0, captions = collate(dataset, idx)
+            x0 = x0.unsqueeze(2) if video else x0  # a single-frame clip [B, 3, 1, H, W]
+        captions, xt, sigma, target = noisy_batch(x0, captions, gen, caption_dropout, timestep_shift)
         xt, sigma, target = xt.to(device), sigma.to(device), target.to(device)
         text, pooled = pipe.encode_prompt(captions, device)
         pred = pipe.predict(xt, sigma, text, pooled)
@@ -450,6 +475,7 @@ def run_from_args(args):
         args.kind, output, work_dir, minutes=args.minutes, max_steps=args.max_steps,
         batch_size=args.batch_size or 32, lr=args.lr or 1e-3, warmup=args.warmup,
         text_encoder_from=args.text_encoder_from, timestep_shift=args.timestep_shift, patch_size=args.patch_size,
+        image_fraction=args.image_fraction,
         cooldown_from=args.cooldown_from, ema_decay=args.ema_decay, data_seed=args.data_seed, seed=args.seed, threads=args.threads,
         device=args.device, resume=args.resume, save_every=args.save_every, sample_every=args.sample_every,
         save_dtype=args.save_dtype, command=command,

@@ -350,6 +350,38 @@ def test_wan_sizes_follow_the_patch_size(patch):
     assert out.frames.shape == (1, 3, 2 * pt, 2 * ph, 3 * ph)
 
 
+def test_train_small_wan_image_fraction(tmp_path, monkeypatch):
+    """`--image-fraction F` makes that fraction of a Wan run's steps image steps (single-frame clips with image
+    captions), spread evenly; it is recorded in training.json, and a non-Wan run, a fraction outside [0, 1) or a
+    temporal patch other than 1 is refused, naming the argument."""
+    from diffaccel.pipelines import train_small as ts
+
+    assert [ts.is_image_step(i, 0.5) for i in range(4)] == [False, True, False, True]
+    assert [ts.is_image_step(i, 0.25) for i in range(8)] == [False, False, False, True] * 2
+    assert not any(ts.is_image_step(i, 0.0) for i in range(8))
+    seen = []
+    real = ts.noisy_batch
+
+    def spy(x0, captions, *a, **k):
+        seen.append((tuple(x0.shape), list(captions)))
+        return real(x0, captions, *a, **k)
+
+    monkeypatch.setattr(ts, "noisy_batch", spy)
+    out = tmp_path / "model"
+    cli_main(["train-small", "wan", "--max-steps", "2", "--batch-size", "2", "--output", str(out), "--work-dir",
+              str(tmp_path / "run"), "--save-every", "0", "--sample-every", "0", "--image-fraction", "0.5"])
+    (video_shape, video_caps), (image_shape, image_caps) = seen
+    assert video_shape == (2, 3, 4, 32, 32) and image_shape == (2, 3, 1, 32, 32)
+    assert all("moving" in c for c in video_caps) and not any("moving" in c for c in image_caps)
+    assert json.loads((out / "training.json").read_text())["image_fraction"] == 0.5
+    for kind, kwargs, match in [("flux", dict(image_fraction=0.5), "--image-fraction.*wan runs"),
+                                ("wan", dict(image_fraction=1.0), r"--image-fraction.*\[0, 1\)"),
+                                ("wan", dict(image_fraction=0.5, patch_size=(2, 2, 2)), "--image-fraction.*temporal")]:
+        with pytest.raises(ValueError, match=match):
+            ts.train_small(kind, str(tmp_path / "o"), str(tmp_path / "w"), **kwargs)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+
+
 def test_train_small_wan_patch_size(tmp_path):
     """`--patch-size` builds the Wan transformer with that patch (in the exported config); a resumed run keeps its
     checkpoint's, and a different one, a non-Wan run or a malformed value is refused, naming the argument."""

@@ -3,13 +3,14 @@
     python docs/snippets/wan_text_use.py measure small-wan      # a trained pipeline (name or folder)
     python docs/snippets/wan_text_use.py train 3.0 400          # from scratch: timestep shift, steps (prints every 50)
     python docs/snippets/wan_text_use.py words small-wan        # which words it uses (any small model)
+    python docs/snippets/wan_text_use.py words small-wan images # the same on single frames (Wan models)
 
 `measure` and `train` print the velocity loss at sigma 0.9 on 16 held-out clips with their own captions and
 with the captions rotated by one (wrong ones): a model that uses its text has a clearly lower first number.
 `words` prints, at sigma 0.3 / 0.5 / 0.7 / 0.9 on 32 held-out samples (clips for Wan, images otherwise), the
 loss with the own captions, with every shape word replaced by the next shape (star -> circle, ...) and with
 every colour word replaced by the next colour: the gap to the first number is how much the model uses that
-kind of word.  `train` uses the default small-wan architecture, batch 16, AdamW 1e-3 (100 warm-up steps), the
+kind of word (with `images`, a Wan model is measured on single-frame clips of the image dataset).  `train` uses the default small-wan architecture, batch 16, AdamW 1e-3 (100 warm-up steps), the
 text encoder from small-flux, logit-normal noise levels shifted by the given shift.  All modes use 2 threads."""
 import re
 import sys
@@ -46,8 +47,11 @@ def _next_word(caption, words):
     return re.sub("|".join(words), lambda m: words[(words.index(m.group(0)) + 1) % len(words)], caption)
 
 
-def word_use(pipe, n=32):
-    x0, captions, noise = _held_out(n, pipe.config.num_frames if isinstance(pipe, SmallWanPipeline) else None)
+def word_use(pipe, n=32, images=False):
+    wan = isinstance(pipe, SmallWanPipeline)
+    x0, captions, noise = _held_out(n, pipe.config.num_frames if wan and not images else None)
+    if wan and images:  # single-frame clips of the image dataset
+        x0, noise = x0.unsqueeze(2), noise.unsqueeze(2)
     variants = (captions, [_next_word(c, SHAPES) for c in captions], [_next_word(c, COLOR_NAMES) for c in captions])
     for s in (0.3, 0.5, 0.7, 0.9):
         losses = [_loss(pipe, x0, noise, s, caps) for caps in variants]
@@ -79,7 +83,7 @@ def train(shift, steps, batch=16):
 if __name__ == "__main__":
     torch.set_num_threads(2)
     if sys.argv[1] == "words":
-        word_use(load_small(sys.argv[2]))
+        word_use(load_small(sys.argv[2]), images=sys.argv[3:] == ["images"])
     elif sys.argv[1] == "measure":
         print(sys.argv[2], "loss with own / wrong captions", text_use(load_small(sys.argv[2])))
     else:

@@ -5,7 +5,8 @@
 Training (rectified flow, as SD3 / FLUX):
 
 * data: :class:`~diffaccel.pipelines.shapes.ShapesDataset` (video:
-  ``ShapesVideoDataset``) with ``--data-seed``; step ``i`` uses samples
+  ``ShapesVideoDataset``, and ``ShapesDataset`` frames on the image steps of
+  ``--image-fraction``) with ``--data-seed``; step ``i`` uses samples
   ``i * batch ... (i + 1) * batch - 1`` (deterministic order, never repeated
   within ``--dataset-size``, which wraps around);
 * ``sigma ~ sigmoid(N(0, 1))`` (logit-normal), shifted by the pipeline scheduler's ``shift``

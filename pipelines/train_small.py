@@ -88,10 +88,9 @@ def _check_image_fraction(kind, image_fraction, pipe):
         raise ValueError(f"image_fraction (--image-fraction) must be a number in [0, 1), got {image_fraction!r}")
     if image_fraction and kind != "wan":
         raise ValueError(f"image_fraction (--image-fraction) is for wan runs, not {kind!r}")
-    t_patch = pipe.denoiser.config.patch_size[0] if image_fraction else 1
-    if t_patch != 1:
+    if image_fraction and pipe.denoiser.config.patch_size[0] != 1:
         raise ValueError(f"image_fraction (--image-fraction) needs a temporal patch of 1 (single-frame clips), "
-                         f"the model's is {t_patch}")
+                         f"the model's is {pipe.denoiser.config.patch_size[0]}")
 
 
 def is_image_step(step, image_fraction):

@@ -150,7 +150,7 @@ def _add_train_small_arguments(p):
                         "its checkpoint's")
     p.add_argument("--image-fraction", type=float, default=0.0, metavar="F",
                    help="wan: make this fraction of the steps image steps (single-frame clips of the image dataset, "
-                        "as Wan trains jointly on images and videos; needs a temporal patch of 1)")
+                        "as Wan trains jointly on images and videos; 1: images only; needs a temporal patch of 1)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--data-seed", type=int, default=0, help="seed of the shapes dataset")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and noise")

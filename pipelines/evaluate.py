@@ -425,33 +425,36 @@ def eval_prompts(num: int, video: bool = False, seed: int = 0) -> list[str]:
     return out
 
 
-def _generate(pipe, prompts, seeds, height, width, steps, guidance, batch_size):
-    """Samples ``[B, 3, (F,) H, W]`` in [0, 1] and seconds per sample.  The initial noise of prompt ``i`` is drawn
-    from ``torch.Generator().manual_seed(seeds[i])`` whatever the batching.  One untimed warm-up call (one
+def _generate(pipe, prompts, seeds, height, width, steps, guidance, batch_size, **extra):
+    """Samples ``[B, 3, (F,) H, W]`` in [0, 1] and seconds per sample (``extra``: more pipeline arguments).  The
+    initial noise of prompt ``i`` is drawn from ``torch.Generator().manual_seed(seeds[i])`` whatever the batching.  One untimed warm-up call (one
     prompt, two steps) first, so one-off costs (caches of the patterns' tables, first-call allocations) are
     not charged to the first setting measured."""
     pipe(prompts[:1], height=height, width=width, num_inference_steps=2, guidance_scale=guidance,
-         generator=[torch.Generator().manual_seed(0)], output_type="pt")
+         generator=[torch.Generator().manual_seed(0)], output_type="pt", **extra)
     outs = []
     t0 = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
         ps = prompts[start:start + batch_size]
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start:start + batch_size]]
         r = pipe(ps, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                 generator=gens, output_type="pt")
+                 generator=gens, output_type="pt", **extra)
         outs.append(r.frames if hasattr(r, "frames") else r.images)
     seconds = (time.perf_counter() - t0) / len(prompts)
     return torch.cat(outs), seconds
 
 
 def dense_accuracy(pipe, classifier, num_prompts: int, steps: int = 16, guidance: float = 4.0,
-                   batch_size: int = 8) -> dict:
+                   batch_size: int = 8, images: bool = False) -> dict:
     """The classifier's accuracy on ``pipe``'s samples of the first ``num_prompts`` :func:`eval_prompts` (video
-    prompts for video models) at the native size, seeds ``0 .. num_prompts - 1``, with whatever attention the
-    pipeline has (full attention unless a method is applied)."""
-    prompts = eval_prompts(num_prompts, video=_family(pipe) == "wan")
+    prompts for video models; with ``images``, a video model draws single frames from the image prompts) at the
+    native size, seeds ``0 .. num_prompts - 1``, with whatever attention the pipeline has (full attention unless a
+    method is applied)."""
+    video = _family(pipe) == "wan"
+    extra = dict(num_frames=1) if video and images else {}
+    prompts = eval_prompts(num_prompts, video=video and not images)
     size = pipe.config.sample_size
-    x, _ = _generate(pipe, prompts, range(num_prompts), size, size, steps, guidance, batch_size)
+    x, _ = _generate(pipe, prompts, range(num_prompts), size, size, steps, guidance, batch_size, **extra)
     return classifier_accuracy(classifier, x, prompts)
 
 

@@ -84,8 +84,8 @@ def _check_patch_size(kind, patch_size, ck, init_from):
 
 
 def _check_image_fraction(kind, image_fraction, pipe):
-    if not isinstance(image_fraction, (int, float)) or isinstance(image_fraction, bool) or not 0 <= image_fraction < 1:
-        raise ValueError(f"image_fraction (--image-fraction) must be a number in [0, 1), got {image_fraction!r}")
+    if not isinstance(image_fraction, (int, float)) or isinstance(image_fraction, bool) or not 0 <= image_fraction <= 1:
+        raise ValueError(f"image_fraction (--image-fraction) must be a number in [0, 1], got {image_fraction!r}")
     if image_fraction and kind != "wan":
         raise ValueError(f"image_fraction (--image-fraction) is for wan runs, not {kind!r}")
     if image_fraction and pipe.denoiser.config.patch_size[0] != 1:
@@ -216,7 +216,7 @@ def train_small(
     the default patch of :data:`DEFAULT_CONFIGS`; a resumed run keeps its checkpoint's.  ``image_fraction`` (Wan
     only, temporal patch 1) makes that fraction of the steps image steps, as Wan is trained jointly on images and
     videos: a batch of single-frame clips of :class:`ShapesDataset` (captions without motion); step ``i`` is one
-    when ``floor((i + 1) f) > floor(i f)``.  Returns a summary dict."""
+    when ``floor((i + 1) f) > floor(i f)`` (every step for 1: a Wan model trained on images only).  Returns a summary dict."""
     if cooldown_from is not None and max_steps is None:
         raise ValueError("cooldown_from (--cooldown-from) needs max_steps (--max-steps), the step where the decay ends")
     if threads:

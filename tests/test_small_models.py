@@ -166,6 +166,20 @@ def test_dense_wan_draws_the_prompted_colours(pipes, classifier):
     assert acc["colour"] >= MIN_COLOUR_ACC and acc["background"] >= MIN_COLOUR_ACC, acc
 
 
+def test_dense_accuracy_images_of_a_video_model(pipes, classifier, monkeypatch):
+    """`dense_accuracy(images=True)` makes a video model draw single frames from the image prompts (no motion)."""
+    seen = []
+    real = evaluate.classifier_accuracy
+    monkeypatch.setattr(evaluate, "classifier_accuracy",
+                        lambda clf, x, caps: seen.append((tuple(x.shape), list(caps))) or real(clf, x, caps))
+    pipe = _pipe(pipes, "small-wan")
+    evaluate.dense_accuracy(pipe, classifier, 2, steps=2, images=True)
+    evaluate.dense_accuracy(pipe, classifier, 2, steps=2)
+    (image_shape, image_caps), (video_shape, video_caps) = seen
+    assert image_shape == (2, 3, 1, 32, 32) and video_shape == (2, 3, 4, 32, 32)
+    assert not any("moving" in c for c in image_caps) and all("moving" in c for c in video_caps)
+
+
 def test_classifier_on_dataset_images(classifier):
     ds = shapes.ShapesDataset(seed=12345, length=64)
     items = [ds[i] for i in range(64)]
@@ -352,13 +366,14 @@ def test_wan_sizes_follow_the_patch_size(patch):
 
 def test_train_small_wan_image_fraction(tmp_path, monkeypatch):
     """`--image-fraction F` makes that fraction of a Wan run's steps image steps (single-frame clips with image
-    captions), spread evenly; it is recorded in training.json, and a non-Wan run, a fraction outside [0, 1) or a
+    captions), spread evenly (every step for 1); it is recorded in training.json, and a non-Wan run, a fraction outside [0, 1] or a
     temporal patch other than 1 is refused, naming the argument."""
     from diffaccel.pipelines import train_small as ts
 
     assert [ts.is_image_step(i, 0.5) for i in range(4)] == [False, True, False, True]
     assert [ts.is_image_step(i, 0.25) for i in range(8)] == [False, False, False, True] * 2
     assert not any(ts.is_image_step(i, 0.0) for i in range(8))
+    assert all(ts.is_image_step(i, 1.0) for i in range(8))
     seen = []
     real = ts.noisy_batch
 
@@ -375,7 +390,7 @@ def test_train_small_wan_image_fraction(tmp_path, monkeypatch):
     assert all("moving" in c for c in video_caps) and not any("moving" in c for c in image_caps)
     assert json.loads((out / "training.json").read_text())["image_fraction"] == 0.5
     for kind, kwargs, match in [("flux", dict(image_fraction=0.5), "--image-fraction.*wan runs"),
-                                ("wan", dict(image_fraction=1.0), r"--image-fraction.*\[0, 1\)"),
+                                ("wan", dict(image_fraction=1.5), r"--image-fraction.*\[0, 1\]"),
                                 ("wan", dict(image_fraction=0.5, patch_size=(2, 2, 2)), "--image-fraction.*temporal")]:
         with pytest.raises(ValueError, match=match):
             ts.train_small(kind, str(tmp_path / "o"), str(tmp_path / "w"), **kwargs)

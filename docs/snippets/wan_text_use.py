@@ -4,14 +4,20 @@
     python docs/snippets/wan_text_use.py train 3.0 400          # from scratch: timestep shift, steps (prints every 50)
     python docs/snippets/wan_text_use.py words small-wan        # which words it uses (any small model)
     python docs/snippets/wan_text_use.py words small-wan images # the same on single frames (Wan models)
+    python docs/snippets/wan_text_use.py redraw small-wan       # does it keep a visible shape (any small model)
+    python docs/snippets/wan_text_use.py redraw small-wan images
 
 `measure` and `train` print the velocity loss at sigma 0.9 on 16 held-out clips with their own captions and
 with the captions rotated by one (wrong ones): a model that uses its text has a clearly lower first number.
 `words` prints, at sigma 0.3 / 0.5 / 0.7 / 0.9 on 32 held-out samples (clips for Wan, images otherwise), the
 loss with the own captions, with every shape word replaced by the next shape (star -> circle, ...) and with
 every colour word replaced by the next colour: the gap to the first number is how much the model uses that
-kind of word (with `images`, a Wan model is measured on single-frame clips of the image dataset).  `train` uses the default small-wan architecture, batch 16, AdamW 1e-3 (100 warm-up steps), the
-text encoder from small-flux, logit-normal noise levels shifted by the given shift.  All modes use 2 threads."""
+kind of word (with `images`, a Wan model is measured on single-frame clips of the image dataset).
+`redraw` noises the 32 held-out samples to sigma 0.3 / 0.5 / 0.7 / 0.9 and denoises them (the pipeline's sampler: Euler
+over its 16-step schedule from that sigma on, guidance 4) with their own captions and with shape-swapped ones, then
+asks the shape classifier: the fraction of the prompted shapes found with the own captions (how well the model keeps
+a shape it can see), and with the swapped captions the fractions that follow the text and that keep the image's.
+`train` uses the default small-wan architecture, batch 16, AdamW 1e-3 (100 warm-up steps), the text encoder from small-flux, logit-normal noise levels shifted by the given shift.  All modes use 2 threads."""
 import re
 import sys
 
@@ -58,6 +64,37 @@ def word_use(pipe, n=32, images=False):
         print(f"sigma {s}: loss with own / shape-swapped / colour-swapped captions {losses}", flush=True)
 
 
+@torch.no_grad()
+def _redraw(pipe, x, s, captions, guidance=4.0):
+    """Denoise ``x`` (noise level ``s``) with ``captions`` over the steps of ``pipe``'s 16-step schedule below ``s``."""
+    pipe.scheduler.set_timesteps(16)
+    sigmas = [s] + [float(q) for q in pipe.scheduler.sigmas if q < s - 1e-6] + [0.0]
+    sigmas = sorted(set(sigmas), reverse=True)
+    text, pooled = pipe.encode_prompt(list(captions) + [""] * len(captions), "cpu")
+    for a, b in zip(sigmas[:-1], sigmas[1:]):
+        v_cond, v_uncond = pipe.predict(torch.cat([x, x]), torch.full((2 * len(x),), a), text, pooled).chunk(2)
+        x = x + (b - a) * (v_uncond + guidance * (v_cond - v_uncond))
+    return (x.clamp(-1, 1) + 1) / 2
+
+
+def redraw(pipe, n=32, images=False):
+    from diffaccel.pipelines.evaluate import classifier_accuracy, load_classifier
+
+    wan = isinstance(pipe, SmallWanPipeline)
+    x0, captions, noise = _held_out(n, pipe.config.num_frames if wan and not images else None)
+    if wan and images:
+        x0, noise = x0.unsqueeze(2), noise.unsqueeze(2)
+    swapped = [_next_word(c, SHAPES) for c in captions]
+    clf = load_classifier()
+    for s in (0.3, 0.5, 0.7, 0.9):
+        xt = (1 - s) * x0 + s * noise
+        own = classifier_accuracy(clf, _redraw(pipe, xt, s, captions), captions)["shape"]
+        out = _redraw(pipe, xt, s, swapped)
+        follow, keep = (classifier_accuracy(clf, out, c)["shape"] for c in (swapped, captions))
+        print(f"sigma {s}: shape kept with own captions {own:.2f}; with shape-swapped captions: follows the text "
+              f"{follow:.2f}, keeps the image's {keep:.2f}", flush=True)
+
+
 def train(shift, steps, batch=16):
     torch.manual_seed(0)
     pipe = build_pipeline("wan")
@@ -84,6 +121,8 @@ if __name__ == "__main__":
     torch.set_num_threads(2)
     if sys.argv[1] == "words":
         word_use(load_small(sys.argv[2]), images=sys.argv[3:] == ["images"])
+    elif sys.argv[1] == "redraw":
+        redraw(load_small(sys.argv[2]), images=sys.argv[3:] == ["images"])
     elif sys.argv[1] == "measure":
         print(sys.argv[2], "loss with own / wrong captions", text_use(load_small(sys.argv[2])))
     else:

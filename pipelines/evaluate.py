@@ -427,9 +427,9 @@ def eval_prompts(num: int, video: bool = False, seed: int = 0) -> list[str]:
 
 def _generate(pipe, prompts, seeds, height, width, steps, guidance, batch_size, **extra):
     """Samples ``[B, 3, (F,) H, W]`` in [0, 1] and seconds per sample (``extra``: more pipeline arguments).  The
-    initial noise of prompt ``i`` is drawn from ``torch.Generator().manual_seed(seeds[i])`` whatever the batching.  One untimed warm-up call (one
-    prompt, two steps) first, so one-off costs (caches of the patterns' tables, first-call allocations) are
-    not charged to the first setting measured."""
+    initial noise of prompt ``i`` is drawn from ``torch.Generator().manual_seed(seeds[i])`` whatever the batching.
+    One untimed warm-up call (one prompt, two steps) first, so one-off costs (caches of the patterns' tables,
+    first-call allocations) are not charged to the first setting measured."""
     pipe(prompts[:1], height=height, width=width, num_inference_steps=2, guidance_scale=guidance,
          generator=[torch.Generator().manual_seed(0)], output_type="pt", **extra)
     outs = []

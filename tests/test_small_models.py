@@ -366,8 +366,8 @@ def test_wan_sizes_follow_the_patch_size(patch):
 
 def test_train_small_wan_image_fraction(tmp_path, monkeypatch):
     """`--image-fraction F` makes that fraction of a Wan run's steps image steps (single-frame clips with image
-    captions), spread evenly (every step for 1); it is recorded in training.json, and a non-Wan run, a fraction outside [0, 1] or a
-    temporal patch other than 1 is refused, naming the argument."""
+    captions), spread evenly (every step for 1); it is recorded in training.json, and a non-Wan run, a fraction
+    outside [0, 1] or a temporal patch other than 1 is refused, naming the argument."""
     from diffaccel.pipelines import train_small as ts
 
     assert [ts.is_image_step(i, 0.5) for i in range(4)] == [False, True, False, True]

@@ -17,7 +17,8 @@ kind of word (with `images`, a Wan model is measured on single-frame clips of th
 over its 16-step schedule from that sigma on, guidance 4) with their own captions and with shape-swapped ones, then
 asks the shape classifier: the fraction of the prompted shapes found with the own captions (how well the model keeps
 a shape it can see), and with the swapped captions the fractions that follow the text and that keep the image's.
-`train` uses the default small-wan architecture, batch 16, AdamW 1e-3 (100 warm-up steps), the text encoder from small-flux, logit-normal noise levels shifted by the given shift.  All modes use 2 threads."""
+`train` uses the default small-wan architecture, batch 16, AdamW 1e-3 (100 warm-up steps), the text encoder from
+small-flux, logit-normal noise levels shifted by the given shift.  All modes use 2 threads."""
 import re
 import sys
 
@@ -53,11 +54,18 @@ def _next_word(caption, words):
     return re.sub("|".join(words), lambda m: words[(words.index(m.group(0)) + 1) % len(words)], caption)
 
 
-def word_use(pipe, n=32, images=False):
+def _held_out_for(pipe, n, images):
+    """:func:`_held_out` samples ``pipe`` takes: clips for a Wan model (single-frame clips of the image dataset with
+    ``images``), images otherwise."""
     wan = isinstance(pipe, SmallWanPipeline)
     x0, captions, noise = _held_out(n, pipe.config.num_frames if wan and not images else None)
-    if wan and images:  # single-frame clips of the image dataset
+    if wan and images:
         x0, noise = x0.unsqueeze(2), noise.unsqueeze(2)
+    return x0, captions, noise
+
+
+def word_use(pipe, n=32, images=False):
+    x0, captions, noise = _held_out_for(pipe, n, images)
     variants = (captions, [_next_word(c, SHAPES) for c in captions], [_next_word(c, COLOR_NAMES) for c in captions])
     for s in (0.3, 0.5, 0.7, 0.9):
         losses = [_loss(pipe, x0, noise, s, caps) for caps in variants]
@@ -68,8 +76,7 @@ def word_use(pipe, n=32, images=False):
 def _redraw(pipe, x, s, captions, guidance=4.0):
     """Denoise ``x`` (noise level ``s``) with ``captions`` over the steps of ``pipe``'s 16-step schedule below ``s``."""
     pipe.scheduler.set_timesteps(16)
-    sigmas = [s] + [float(q) for q in pipe.scheduler.sigmas if q < s - 1e-6] + [0.0]
-    sigmas = sorted(set(sigmas), reverse=True)
+    sigmas = [s] + [float(q) for q in pipe.scheduler.sigmas if q < s - 1e-6]  # the schedule ends at 0
     text, pooled = pipe.encode_prompt(list(captions) + [""] * len(captions), "cpu")
     for a, b in zip(sigmas[:-1], sigmas[1:]):
         v_cond, v_uncond = pipe.predict(torch.cat([x, x]), torch.full((2 * len(x),), a), text, pooled).chunk(2)
@@ -80,10 +87,7 @@ def _redraw(pipe, x, s, captions, guidance=4.0):
 def redraw(pipe, n=32, images=False):
     from diffaccel.pipelines.evaluate import classifier_accuracy, load_classifier
 
-    wan = isinstance(pipe, SmallWanPipeline)
-    x0, captions, noise = _held_out(n, pipe.config.num_frames if wan and not images else None)
-    if wan and images:
-        x0, noise = x0.unsqueeze(2), noise.unsqueeze(2)
+    x0, captions, noise = _held_out_for(pipe, n, images)
     swapped = [_next_word(c, SHAPES) for c in captions]
     clf = load_classifier()
     for s in (0.3, 0.5, 0.7, 0.9):

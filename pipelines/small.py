@@ -55,6 +55,7 @@ __all__ = [
     "build_tokenizer",
     "build_text_encoder",
     "build_pipeline",
+    "repatch_wan",
     "load_small",
     "load_pipeline",
     "save_media",
@@ -429,6 +430,36 @@ def build_pipeline(kind: str, seed: int = 0, denoiser: dict | None = None, text:
     model = WanTransformer3DModel(**{**cfg["transformer"], **(denoiser or {})})
     return SmallWanPipeline(model, text_encoder, tokenizer, scheduler, sample_size=size,
                             num_frames=int(num_frames or cfg["num_frames"]))
+
+
+@torch.no_grad()
+def repatch_wan(transformer, patch_size):
+    """A ``WanTransformer3DModel`` with patch ``patch_size`` made from ``transformer``, whose patch each entry of
+    ``patch_size`` divides: on a clip it computes exactly what ``transformer`` computes on that clip upsampled by
+    ``old / new`` patch (nearest, each frame and pixel repeated), box-downsampled back.  The patch embedding sums
+    the kernel over each repeated block and the output projection averages its rows over it; every other weight
+    (blocks, rotary grid, text and time embeddings) is shared unchanged, since the token grid is the same.  Used
+    to warm-start a finer-patch Wan run (``diffaccel train-small wan --init-from small-wan --patch-size 1,2,2``)."""
+    from diffusers import WanTransformer3DModel
+
+    old = tuple(int(v) for v in transformer.config.patch_size)
+    new = tuple(patch_size)
+    if len(new) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in new) \
+            or any(o % n for o, n in zip(old, new)):
+        raise ValueError(f"patch_size (--patch-size) must be three positive integers dividing the model's patch "
+                         f"{old}, got {patch_size!r}")
+    f = [o // n for o, n in zip(old, new)]
+    state = dict(transformer.state_dict())
+    w = state["patch_embedding.weight"]  # [dim, C, pt, ph, pw]; old kernel index k = n * f + a
+    state["patch_embedding.weight"] = w.reshape(*w.shape[:2], new[0], f[0], new[1], f[1], new[2], f[2]).sum((3, 5, 7))
+    w, b = state["proj_out.weight"], state["proj_out.bias"]  # rows ordered (pt, ph, pw, channel)
+    blocks = (new[0], f[0], new[1], f[1], new[2], f[2], -1)
+    state["proj_out.weight"] = w.reshape(*blocks, w.shape[-1]).mean((1, 3, 5)).reshape(-1, w.shape[-1])
+    state["proj_out.bias"] = b.reshape(*blocks).mean((1, 3, 5)).reshape(-1)
+    model = WanTransformer3DModel.from_config({**transformer.config, "patch_size": new})
+    model.load_state_dict(state)
+    model.to(w.device)
+    return model if model.dtype == w.dtype else model.to(w.dtype)
 
 
 def resolve_small(name_or_path: str) -> str | None:

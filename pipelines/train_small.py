@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .shapes import ShapesDataset, ShapesVideoDataset
-from .small import DEFAULT_CONFIGS, build_pipeline, load_small
+from .small import _CLASSES, DEFAULT_CONFIGS, build_pipeline, load_small, repatch_wan
 
 __all__ = ["train_small", "collate", "sample_sigmas", "noisy_batch", "lr_at", "is_image_step", "run_from_args", "SAVE_DTYPES"]
 
@@ -72,8 +72,6 @@ def _check_patch_size(kind, patch_size, ck, init_from):
     patch_size = tuple(patch_size)
     if kind != "wan":
         raise ValueError(f"patch_size (--patch-size) is for wan runs, not {kind!r}")
-    if init_from:
-        raise ValueError("patch_size (--patch-size) cannot be combined with init_from (the model has its own patch)")
     if len(patch_size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in patch_size):
         raise ValueError(f"patch_size (--patch-size) must be three positive integers (t, h, w), got {patch_size!r}")
     resumed = saved or tuple(DEFAULT_CONFIGS[kind]["transformer"]["patch_size"])
@@ -199,6 +197,7 @@ def train_small(
     text_encoder_from: str | None = None,
     patch_size: tuple | None = None,
     image_fraction: float = 0.0,
+    mixed_precision: str = "no",
     save_every: int = 200,
     log_every: int = 20,
     sample_every: int = 500,
@@ -220,6 +219,8 @@ def train_small(
     summary dict."""
     if cooldown_from is not None and max_steps is None:
         raise ValueError("cooldown_from (--cooldown-from) needs max_steps (--max-steps), the step where the decay ends")
+    if mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"mixed_precision (--mixed-precision) must be 'no' or 'bf16', got {mixed_precision!r}")
     if threads:
         torch.set_num_threads(int(threads))
     ckpt_path = os.path.join(work_dir, "checkpoint.pt")
@@ -230,6 +231,10 @@ def train_small(
     patch_size = _check_patch_size(kind, patch_size, ck, init_from)
     if init_from:
         pipe = load_small(init_from)
+        if not isinstance(pipe, _CLASSES[kind]):
+            raise ValueError(f"init_from (--init-from) {init_from!r} is a {type(pipe).__name__}, not a {kind} model")
+        if patch_size is not None and tuple(pipe.denoiser.config.patch_size) != patch_size:
+            pipe.register_modules(transformer=repatch_wan(pipe.denoiser, patch_size))
     else:
         pipe = build_pipeline(kind, seed=seed, denoiser=dict(patch_size=patch_size) if patch_size else None)
     _check_image_fraction(kind, image_fraction, pipe)
@@ -276,7 +281,7 @@ def train_small(
         return runs + [dict(command=command, end_step=step, minutes=round((time.time() - t0) / 60, 1))]
 
     def save(final=False):
-        ck = dict(kind=kind, patch_size=patch_size, step=step, elapsed=elapsed_before + time.time() - t0, runs=_runs(),
+        ck = dict(kind=kind, patch_size=tuple(pipe.denoiser.config.patch_size) if video else None, step=step, elapsed=elapsed_before + time.time() - t0, runs=_runs(),
                   model=_state(pipe), optimizer=opt.state_dict(), ema=[e.cpu() for e in ema], rng=torch.get_rng_state())
         tmp = ckpt_path + ".tmp"
         torch.save(ck, tmp)
@@ -309,7 +314,8 @@ def train_small(
                                                                       final_lr_ratio=final_lr_ratio),
                     minutes_trained=round((elapsed_before + time.time() - t0) / 60, 1), final_loss=recent,
                     data_seed=data_seed, seed=seed, weights_dtype=save_dtype, text_encoder_from=text_encoder_from,
-                    timestep_shift=timestep_shift, image_fraction=image_fraction,
+                    timestep_shift=timestep_shift, image_fraction=image_fraction, mixed_precision=mixed_precision,
+                    patch_size=list(pipe.denoiser.config.patch_size) if video else None, init_from=init_from,
                     command=command, continue_with=_continue_command(command), runs=_runs())
         with open(os.path.join(tmp, "training.json"), "w") as f:
             json.dump(info, f, indent=2)
@@ -335,8 +341,9 @@ def train_small(
             x0 = x0.unsqueeze(2) if video else x0  # a single-frame clip [B, 3, 1, H, W]
         captions, xt, sigma, target = noisy_batch(x0, captions, gen, caption_dropout, timestep_shift)
         xt, sigma, target = xt.to(device), sigma.to(device), target.to(device)
-        text, pooled = pipe.encode_prompt(captions, device)
-        pred = pipe.predict(xt, sigma, text, pooled)
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=mixed_precision == "bf16"):
+            text, pooled = pipe.encode_prompt(captions, device)
+            pred = pipe.predict(xt, sigma, text, pooled)
         loss = torch.nn.functional.mse_loss(pred.float(), target.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -476,7 +483,7 @@ def run_from_args(args):
         args.kind, output, work_dir, minutes=args.minutes, max_steps=args.max_steps,
         batch_size=args.batch_size or 32, lr=args.lr or 1e-3, warmup=args.warmup,
         text_encoder_from=args.text_encoder_from, timestep_shift=args.timestep_shift, patch_size=args.patch_size,
-        image_fraction=args.image_fraction,
+        image_fraction=args.image_fraction, mixed_precision=args.mixed_precision, init_from=args.init_from,
         cooldown_from=args.cooldown_from, ema_decay=args.ema_decay, data_seed=args.data_seed, seed=args.seed, threads=args.threads,
         device=args.device, resume=args.resume, save_every=args.save_every, sample_every=args.sample_every,
         save_dtype=args.save_dtype, command=command,

@@ -419,3 +419,66 @@ def test_train_small_wan_patch_size(tmp_path):
         train_small("wan", str(tmp_path / "o"), str(tmp_path / "w"), patch_size=(2, 2))
     with pytest.raises(SystemExit):
         cli_main(args + ["--patch-size", "2x2"])
+
+
+@pytest.mark.parametrize("old,new", [((1, 4, 4), (1, 2, 2)), ((2, 4, 4), (1, 2, 1)), ((2, 2, 2), (2, 2, 2))])
+def test_repatch_wan_computes_the_upsampled_clip(old, new):
+    """`repatch_wan` makes a finer-patch Wan transformer that computes on a clip exactly what the original computes
+    on that clip upsampled (each frame and pixel repeated old/new times), box-downsampled back; a patch that does
+    not divide the model's is refused, naming the argument."""
+    pipe = small.build_pipeline("wan", denoiser=dict(patch_size=old, num_layers=2, ffn_dim=32))
+    model = small.repatch_wan(pipe.transformer, new)
+    assert tuple(model.config.patch_size) == new and model.config.num_layers == 2
+    f = [o // n for o, n in zip(old, new)]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 2 * new[0], 3 * new[1], 2 * new[2], generator=g)
+    t, text = torch.tensor([700.0, 200.0]), torch.randn(2, 5, 64, generator=g)
+    with torch.no_grad():
+        got = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        up = x.repeat_interleave(f[0], 2).repeat_interleave(f[1], 3).repeat_interleave(f[2], 4)
+        ref = pipe.transformer(hidden_states=up, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    ref = torch.nn.functional.avg_pool3d(ref, f)
+    assert got.shape == x.shape
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+    for bad in [(1, 3, 3), (1, 2), (0, 2, 2)]:
+        with pytest.raises(ValueError, match=r"--patch-size.*dividing the model's patch"):
+            small.repatch_wan(pipe.transformer, bad)
+
+
+def test_train_small_init_from_a_model_with_a_finer_patch(tmp_path, monkeypatch):
+    """`--init-from small-wan --patch-size 1,2,2` starts from the shipped model converted by `repatch_wan`
+    (recorded in training.json; a resumed run keeps the patch), `--mixed-precision bf16` trains under bf16
+    autocast; a model of another kind or an unknown precision is refused, naming the argument."""
+    from diffaccel.pipelines.train_small import train_small
+
+    autocast = []
+    real = small.SmallWanPipeline.predict
+
+    def spy(self, *a, **k):
+        autocast.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(small.SmallWanPipeline, "predict", spy)
+
+    out, work = tmp_path / "model", tmp_path / "run"
+    args = ["train-small", "wan", "--max-steps", "1", "--batch-size", "2", "--lr", "1e-12", "--output", str(out),
+            "--work-dir", str(work), "--save-every", "0", "--sample-every", "0", "--save-dtype", "fp32",
+            "--init-from", "small-wan", "--patch-size", "1,2,2", "--mixed-precision", "bf16"]
+    cli_main(args)
+    info = json.loads((out / "training.json").read_text())
+    assert info["init_from"] == "small-wan" and info["patch_size"] == [1, 2, 2]
+    assert info["mixed_precision"] == "bf16" and math.isfinite(info["final_loss"])
+    expected = small.repatch_wan(small.load_small("small-wan").transformer, (1, 2, 2)).state_dict()
+    got = small.load_small(str(out)).transformer.state_dict()
+    assert set(got) == set(expected)
+    # one step at lr 1e-12 (and the EMA) leaves the converted weights where they were
+    assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
+    assert autocast == [True]
+    cli_main(args[:3] + ["2"] + args[4:-6] + ["--resume"])
+    assert autocast == [True, False]  # bf16 only when asked
+    assert tuple(small.load_small(str(out)).transformer.config.patch_size) == (1, 2, 2)
+    with pytest.raises(ValueError, match="--init-from.*SmallFluxPipeline, not a wan model"):
+        train_small("wan", str(tmp_path / "o"), str(tmp_path / "w"), init_from="small-flux")
+    with pytest.raises(ValueError, match="--mixed-precision"):
+        train_small("wan", str(tmp_path / "o"), str(tmp_path / "w"), mixed_precision="fp8")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()

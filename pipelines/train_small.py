@@ -215,8 +215,10 @@ def train_small(
     the default patch of :data:`DEFAULT_CONFIGS`; a resumed run keeps its checkpoint's.  ``image_fraction`` (Wan
     only, temporal patch 1) makes that fraction of the steps image steps, as Wan is trained jointly on images and
     videos: a batch of single-frame clips of :class:`ShapesDataset` (captions without motion); step ``i`` is one
-    when ``floor((i + 1) f) > floor(i f)`` (every step for 1: a Wan model trained on images only).  Returns a
-    summary dict."""
+    when ``floor((i + 1) f) > floor(i f)`` (every step for 1: a Wan model trained on images only).  ``init_from`` (a
+    small pipeline name or folder of this ``kind``) starts from its weights; with a ``patch_size`` dividing its patch,
+    a Wan model is converted by :func:`~diffaccel.pipelines.small.repatch_wan` first.  ``mixed_precision="bf16"``
+    runs the forward pass under bf16 autocast (parameters, optimiser and EMA stay fp32).  Returns a summary dict."""
     if cooldown_from is not None and max_steps is None:
         raise ValueError("cooldown_from (--cooldown-from) needs max_steps (--max-steps), the step where the decay ends")
     if mixed_precision not in ("no", "bf16"):

@@ -155,7 +155,7 @@ def _add_train_small_arguments(p):
                    help="start from this small pipeline's weights (a shipped name or a folder) instead of random ones; "
                         "wan: with --patch-size dividing its patch, its patch embedding and output are converted "
                         "(e.g. --init-from small-wan --patch-size 1,2,2)")
-    p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
+    p.add_argument("--mixed-precision", choices=train_small.MIXED_PRECISIONS, default="no",
                    help="bf16: run the forward pass under bf16 autocast (weights, optimiser and EMA stay fp32)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--data-seed", type=int, default=0, help="seed of the shapes dataset")

@@ -55,6 +55,7 @@ __all__ = [
     "build_tokenizer",
     "build_text_encoder",
     "build_pipeline",
+    "is_patch_size",
     "repatch_wan",
     "load_small",
     "load_pipeline",
@@ -432,6 +433,11 @@ def build_pipeline(kind: str, seed: int = 0, denoiser: dict | None = None, text:
                             num_frames=int(num_frames or cfg["num_frames"]))
 
 
+def is_patch_size(patch_size) -> bool:
+    """Whether ``patch_size`` is a Wan patch: three positive integers ``(t, h, w)``."""
+    return len(patch_size) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in patch_size)
+
+
 @torch.no_grad()
 def repatch_wan(transformer, patch_size):
     """A ``WanTransformer3DModel`` with patch ``patch_size`` made from ``transformer``, whose patch each entry of
@@ -444,8 +450,7 @@ def repatch_wan(transformer, patch_size):
 
     old = tuple(int(v) for v in transformer.config.patch_size)
     new = tuple(patch_size)
-    if len(new) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in new) \
-            or any(o % n for o, n in zip(old, new)):
+    if not is_patch_size(new) or any(o % n for o, n in zip(old, new)):
         raise ValueError(f"patch_size (--patch-size) must be three positive integers dividing the model's patch "
                          f"{old}, got {patch_size!r}")
     f = [o // n for o, n in zip(old, new)]

@@ -37,11 +37,13 @@ import numpy as np
 import torch
 
 from .shapes import ShapesDataset, ShapesVideoDataset
-from .small import _CLASSES, DEFAULT_CONFIGS, build_pipeline, load_small, repatch_wan
+from .small import _CLASSES, DEFAULT_CONFIGS, build_pipeline, is_patch_size, load_small, repatch_wan
 
-__all__ = ["train_small", "collate", "sample_sigmas", "noisy_batch", "lr_at", "is_image_step", "run_from_args", "SAVE_DTYPES"]
+__all__ = ["train_small", "collate", "sample_sigmas", "noisy_batch", "lr_at", "is_image_step", "run_from_args", "SAVE_DTYPES",
+           "MIXED_PRECISIONS"]
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+MIXED_PRECISIONS = ("no", "bf16")
 
 
 def collate(dataset, indices):
@@ -63,7 +65,7 @@ def _load_state(pipe, state):
     pipe.text_encoder.load_state_dict(state["text_encoder"])
 
 
-def _check_patch_size(kind, patch_size, ck, init_from):
+def _check_patch_size(kind, patch_size, ck):
     """The patch size a run builds its model with: ``patch_size`` (Wan only, three positive ints), or a resumed
     checkpoint's; ``None`` for the default."""
     saved = tuple(ck["patch_size"]) if ck is not None and ck.get("patch_size") else None
@@ -72,7 +74,7 @@ def _check_patch_size(kind, patch_size, ck, init_from):
     patch_size = tuple(patch_size)
     if kind != "wan":
         raise ValueError(f"patch_size (--patch-size) is for wan runs, not {kind!r}")
-    if len(patch_size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in patch_size):
+    if not is_patch_size(patch_size):
         raise ValueError(f"patch_size (--patch-size) must be three positive integers (t, h, w), got {patch_size!r}")
     resumed = saved or tuple(DEFAULT_CONFIGS[kind]["transformer"]["patch_size"])
     if ck is not None and patch_size != resumed:
@@ -221,8 +223,9 @@ def train_small(
     runs the forward pass under bf16 autocast (parameters, optimiser and EMA stay fp32).  Returns a summary dict."""
     if cooldown_from is not None and max_steps is None:
         raise ValueError("cooldown_from (--cooldown-from) needs max_steps (--max-steps), the step where the decay ends")
-    if mixed_precision not in ("no", "bf16"):
-        raise ValueError(f"mixed_precision (--mixed-precision) must be 'no' or 'bf16', got {mixed_precision!r}")
+    if mixed_precision not in MIXED_PRECISIONS:
+        raise ValueError(f"mixed_precision (--mixed-precision) must be one of {MIXED_PRECISIONS}, "
+                         f"got {mixed_precision!r}")
     if threads:
         torch.set_num_threads(int(threads))
     ckpt_path = os.path.join(work_dir, "checkpoint.pt")
@@ -230,7 +233,7 @@ def train_small(
     ck = torch.load(ckpt_path, map_location=device, weights_only=False) if resume and os.path.isfile(ckpt_path) else None
     if ck is not None and ck["kind"] != kind:
         raise ValueError(f"{ckpt_path} holds a {ck['kind']!r} run, not {kind!r}")
-    patch_size = _check_patch_size(kind, patch_size, ck, init_from)
+    patch_size = _check_patch_size(kind, patch_size, ck)
     if init_from:
         pipe = load_small(init_from)
         if not isinstance(pipe, _CLASSES[kind]):
@@ -240,6 +243,7 @@ def train_small(
     else:
         pipe = build_pipeline(kind, seed=seed, denoiser=dict(patch_size=patch_size) if patch_size else None)
     _check_image_fraction(kind, image_fraction, pipe)
+    model_patch = tuple(pipe.denoiser.config.patch_size) if kind == "wan" else None  # recorded in checkpoint and export
     if text_encoder_from and not resume:
         _copy_text_encoder(pipe, text_encoder_from)
     pipe.to(device)
@@ -283,7 +287,7 @@ def train_small(
         return runs + [dict(command=command, end_step=step, minutes=round((time.time() - t0) / 60, 1))]
 
     def save(final=False):
-        ck = dict(kind=kind, patch_size=tuple(pipe.denoiser.config.patch_size) if video else None, step=step, elapsed=elapsed_before + time.time() - t0, runs=_runs(),
+        ck = dict(kind=kind, patch_size=model_patch, step=step, elapsed=elapsed_before + time.time() - t0, runs=_runs(),
                   model=_state(pipe), optimizer=opt.state_dict(), ema=[e.cpu() for e in ema], rng=torch.get_rng_state())
         tmp = ckpt_path + ".tmp"
         torch.save(ck, tmp)
@@ -317,7 +321,7 @@ def train_small(
                     minutes_trained=round((elapsed_before + time.time() - t0) / 60, 1), final_loss=recent,
                     data_seed=data_seed, seed=seed, weights_dtype=save_dtype, text_encoder_from=text_encoder_from,
                     timestep_shift=timestep_shift, image_fraction=image_fraction, mixed_precision=mixed_precision,
-                    patch_size=list(pipe.denoiser.config.patch_size) if video else None, init_from=init_from,
+                    patch_size=list(model_patch) if model_patch else None, init_from=init_from,
                     command=command, continue_with=_continue_command(command), runs=_runs())
         with open(os.path.join(tmp, "training.json"), "w") as f:
             json.dump(info, f, indent=2)

@@ -157,6 +157,11 @@ def _add_train_small_arguments(p):
                         "(e.g. --init-from small-wan --patch-size 1,2,2)")
     p.add_argument("--mixed-precision", choices=train_small.MIXED_PRECISIONS, default="no",
                    help="bf16: run the forward pass under bf16 autocast (weights, optimiser and EMA stay fp32)")
+    p.add_argument("--image-timestep-shift", type=float, metavar="SHIFT",
+                   help="wan with --image-fraction: the noise shift of the image steps (default: --timestep-shift's)")
+    p.add_argument("--image-teacher", metavar="MODEL",
+                   help="wan with --image-fraction: the image steps regress this small image pipeline's velocity "
+                        "(e.g. small-unet) instead of the sampled noise - x0; the video steps stay plain flow matching")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--data-seed", type=int, default=0, help="seed of the shapes dataset")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and noise")

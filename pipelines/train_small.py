@@ -112,6 +112,31 @@ def _copy_text_encoder(pipe, source):
     pipe.text_encoder.load_state_dict({k: v.float() for k, v in got.items()})
 
 
+def _load_image_teacher(image_teacher, image_fraction, pipe, device):
+    """The frozen image pipeline whose velocity the image steps regress (``None`` without ``image_teacher``)."""
+    if not image_teacher:
+        return None
+    if not image_fraction:
+        raise ValueError("image_teacher (--image-teacher) needs image steps (--image-fraction > 0) of a wan run")
+    teacher = load_small(image_teacher)
+    if getattr(teacher, "_video", False):
+        raise ValueError(f"image_teacher (--image-teacher) {image_teacher!r} is a video pipeline, not an image one")
+    if teacher.config.sample_size != pipe.config.sample_size:
+        raise ValueError(f"image_teacher (--image-teacher) {image_teacher!r} has native size "
+                         f"{teacher.config.sample_size}, this model {pipe.config.sample_size}")
+    teacher.to(device)
+    for m in _trainable(teacher):
+        m.eval().requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def _teacher_velocity(teacher, xt, sigma, captions, device):
+    """``teacher``'s velocity on the single-frame clips ``xt [B, 3, 1, H, W]`` (fp32, same shape)."""
+    text, pooled = teacher.encode_prompt(captions, device)
+    return teacher.predict(xt[:, :, 0], sigma, text, pooled).float().unsqueeze(2)
+
+
 @torch.no_grad()
 def _ema_update(ema_params, params, decay):
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
@@ -187,6 +212,7 @@ def train_small(
     cooldown_from: int | None = None,
     final_lr_ratio: float = 0.02,
     timestep_shift: float | None = None,
+    image_timestep_shift: float | None = None,
     ema_decay: float = 0.999,
     caption_dropout: float = 0.1,
     data_seed: int = 0,
@@ -200,6 +226,7 @@ def train_small(
     patch_size: tuple | None = None,
     image_fraction: float = 0.0,
     mixed_precision: str = "no",
+    image_teacher: str | None = None,
     save_every: int = 200,
     log_every: int = 20,
     sample_every: int = 500,
@@ -217,10 +244,14 @@ def train_small(
     the default patch of :data:`DEFAULT_CONFIGS`; a resumed run keeps its checkpoint's.  ``image_fraction`` (Wan
     only, temporal patch 1) makes that fraction of the steps image steps, as Wan is trained jointly on images and
     videos: a batch of single-frame clips of :class:`ShapesDataset` (captions without motion); step ``i`` is one
-    when ``floor((i + 1) f) > floor(i f)`` (every step for 1: a Wan model trained on images only).  ``init_from`` (a
+    when ``floor((i + 1) f) > floor(i f)`` (every step for 1: a Wan model trained on images only);
+    ``image_timestep_shift`` (default ``timestep_shift``) is the noise shift of the image steps.  ``init_from`` (a
     small pipeline name or folder of this ``kind``) starts from its weights; with a ``patch_size`` dividing its patch,
     a Wan model is converted by :func:`~diffaccel.pipelines.small.repatch_wan` first.  ``mixed_precision="bf16"``
-    runs the forward pass under bf16 autocast (parameters, optimiser and EMA stay fp32).  Returns a summary dict."""
+    runs the forward pass under bf16 autocast (parameters, optimiser and EMA stay fp32).  ``image_teacher`` (Wan
+    with ``image_fraction``: a small image pipeline name or folder of the same native size) makes the image steps
+    regress that model's velocity on the same noisy frames, noise levels and captions (through its own text encoder)
+    instead of the sampled ``noise - x0``; the video steps stay plain flow matching.  Returns a summary dict."""
     if cooldown_from is not None and max_steps is None:
         raise ValueError("cooldown_from (--cooldown-from) needs max_steps (--max-steps), the step where the decay ends")
     if mixed_precision not in MIXED_PRECISIONS:
@@ -243,6 +274,7 @@ def train_small(
     else:
         pipe = build_pipeline(kind, seed=seed, denoiser=dict(patch_size=patch_size) if patch_size else None)
     _check_image_fraction(kind, image_fraction, pipe)
+    teacher = _load_image_teacher(image_teacher, image_fraction, pipe, device)
     model_patch = tuple(pipe.denoiser.config.patch_size) if kind == "wan" else None  # recorded in checkpoint and export
     if text_encoder_from and not resume:
         _copy_text_encoder(pipe, text_encoder_from)
@@ -251,6 +283,9 @@ def train_small(
         timestep_shift = float(pipe.scheduler.config.get("shift", 1.0))
     if not timestep_shift > 0:
         raise ValueError(f"timestep_shift (--timestep-shift) must be > 0, got {timestep_shift!r}")
+    if image_timestep_shift is not None and not (image_fraction and image_timestep_shift > 0):
+        raise ValueError(f"image_timestep_shift (--image-timestep-shift) must be > 0 and needs image steps "
+                         f"(--image-fraction > 0), got {image_timestep_shift!r}")
     os.makedirs(work_dir, exist_ok=True)
     video = kind == "wan"
     size = pipe.config.sample_size
@@ -320,8 +355,10 @@ def train_small(
                                                                       final_lr_ratio=final_lr_ratio),
                     minutes_trained=round((elapsed_before + time.time() - t0) / 60, 1), final_loss=recent,
                     data_seed=data_seed, seed=seed, weights_dtype=save_dtype, text_encoder_from=text_encoder_from,
-                    timestep_shift=timestep_shift, image_fraction=image_fraction, mixed_precision=mixed_precision,
+                    timestep_shift=timestep_shift, image_timestep_shift=image_timestep_shift,
+                    image_fraction=image_fraction, mixed_precision=mixed_precision,
                     patch_size=list(model_patch) if model_patch else None, init_from=init_from,
+                    image_teacher=image_teacher,
                     command=command, continue_with=_continue_command(command), runs=_runs())
         with open(os.path.join(tmp, "training.json"), "w") as f:
             json.dump(info, f, indent=2)
@@ -340,14 +377,18 @@ def train_small(
         if time.time() - t0 > minutes * 60:
             break
         idx = np.arange(step * batch_size, (step + 1) * batch_size)
-        if video and not is_image_step(step, image_fraction):
+        image_step = video and is_image_step(step, image_fraction)  # single-frame clips [B, 3, 1, H, W]
+        if video and not image_step:
             x0, captions = collate(videos, idx)
         else:
             x0, captions = collate(dataset, idx)
-            x0 = x0.unsqueeze(2) if video else x0  # a single-frame clip [B, 3, 1, H, W]
-        captions, xt, sigma, target = noisy_batch(x0, captions, gen, caption_dropout, timestep_shift)
+            x0 = x0.unsqueeze(2) if video else x0
+        shift = image_timestep_shift if image_step and image_timestep_shift is not None else timestep_shift
+        captions, xt, sigma, target = noisy_batch(x0, captions, gen, caption_dropout, shift)
         xt, sigma, target = xt.to(device), sigma.to(device), target.to(device)
         with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=mixed_precision == "bf16"):
+            if teacher is not None and image_step:
+                target = _teacher_velocity(teacher, xt, sigma, captions, device)
             text, pooled = pipe.encode_prompt(captions, device)
             pred = pipe.predict(xt, sigma, text, pooled)
         loss = torch.nn.functional.mse_loss(pred.float(), target.float())
@@ -488,8 +529,10 @@ def run_from_args(args):
     return train_small(
         args.kind, output, work_dir, minutes=args.minutes, max_steps=args.max_steps,
         batch_size=args.batch_size or 32, lr=args.lr or 1e-3, warmup=args.warmup,
-        text_encoder_from=args.text_encoder_from, timestep_shift=args.timestep_shift, patch_size=args.patch_size,
+        text_encoder_from=args.text_encoder_from, timestep_shift=args.timestep_shift,
+        image_timestep_shift=args.image_timestep_shift, patch_size=args.patch_size,
         image_fraction=args.image_fraction, mixed_precision=args.mixed_precision, init_from=args.init_from,
+        image_teacher=args.image_teacher,
         cooldown_from=args.cooldown_from, ema_decay=args.ema_decay, data_seed=args.data_seed, seed=args.seed, threads=args.threads,
         device=args.device, resume=args.resume, save_every=args.save_every, sample_every=args.sample_every,
         save_dtype=args.save_dtype, command=command,

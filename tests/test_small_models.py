@@ -482,3 +482,49 @@ def test_train_small_init_from_a_model_with_a_finer_patch(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="--mixed-precision"):
         train_small("wan", str(tmp_path / "o"), str(tmp_path / "w"), mixed_precision="fp8")
     assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+
+
+def test_train_small_wan_image_teacher(tmp_path, monkeypatch):
+    """`--image-teacher small-unet` makes a Wan run's image steps regress small-unet's velocity on the same noisy
+    frames, noise levels and captions (its own text encoder); the video steps keep the sampled `noise - x0`;
+    `--image-timestep-shift` is the image steps' noise shift (the video steps keep Wan's 3).  Both are recorded in
+    training.json; a teacher or an image shift without image steps, a video teacher or a shift <= 0 is refused,
+    naming the argument."""
+    from diffaccel.pipelines import train_small as ts
+
+    batches, losses, shifts = [], [], []
+    real_batch, real_mse = ts.noisy_batch, torch.nn.functional.mse_loss
+
+    def spy_batch(*a, **k):
+        shifts.append(a[4])
+        batches.append(real_batch(*a, **k))
+        return batches[-1]
+
+    def spy_mse(pred, target, *a, **k):
+        losses.append(target.detach().clone())
+        return real_mse(pred, target, *a, **k)
+
+    monkeypatch.setattr(ts, "noisy_batch", spy_batch)
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", spy_mse)
+    out = tmp_path / "model"
+    cli_main(["train-small", "wan", "--max-steps", "2", "--batch-size", "2", "--output", str(out), "--work-dir",
+              str(tmp_path / "run"), "--save-every", "0", "--sample-every", "0", "--image-fraction", "0.5",
+              "--image-teacher", "small-unet", "--image-timestep-shift", "1"])
+    info = json.loads((out / "training.json").read_text())
+    assert info["image_teacher"] == "small-unet" and info["image_timestep_shift"] == 1.0
+    assert info["timestep_shift"] == 3.0 and shifts == [3.0, 1.0]
+    (_, _, _, video_target), (captions, xt, sigma, image_target) = batches
+    assert torch.equal(losses[0], video_target)  # the video step: plain flow matching
+    teacher = small.load_small("small-unet")
+    with torch.no_grad():
+        text, pooled = teacher.encode_prompt(captions)
+        want = teacher.predict(xt[:, :, 0], sigma, text, pooled).unsqueeze(2)
+    assert losses[1].shape == xt.shape == (2, 3, 1, 32, 32)
+    assert torch.allclose(losses[1], want, atol=1e-5) and not torch.allclose(losses[1], image_target, atol=1e-2)
+    for kwargs, match in [(dict(), "--image-teacher.*needs image steps"),
+                          (dict(image_fraction=0.5, image_teacher="small-wan"), "--image-teacher.*video pipeline"),
+                          (dict(image_teacher=None, image_timestep_shift=1.0), "--image-timestep-shift.*image steps"),
+                          (dict(image_fraction=0.5, image_timestep_shift=0.0), "--image-timestep-shift.*> 0")]:
+        with pytest.raises(ValueError, match=match):
+            ts.train_small("wan", str(tmp_path / "o"), str(tmp_path / "w"), **{"image_teacher": "small-unet", **kwargs})
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()

@@ -6,6 +6,8 @@
     python docs/snippets/wan_text_use.py words small-wan images # the same on single frames (Wan models)
     python docs/snippets/wan_text_use.py redraw small-wan       # does it keep a visible shape (any small model)
     python docs/snippets/wan_text_use.py redraw small-wan images
+    python docs/snippets/wan_text_use.py handoff small-wan small-unet 0.45  # A above sigma 0.45, B below
+    python docs/snippets/wan_text_use.py teacher small-wan small-flux       # distance to small-unet's velocity
 
 `measure` and `train` print the velocity loss at sigma 0.9 on 16 held-out clips with their own captions and
 with the captions rotated by one (wrong ones): a model that uses its text has a clearly lower first number.
@@ -17,6 +19,11 @@ kind of word (with `images`, a Wan model is measured on single-frame clips of th
 over its 16-step schedule from that sigma on, guidance 4) with their own captions and with shape-swapped ones, then
 asks the shape classifier: the fraction of the prompted shapes found with the own captions (how well the model keeps
 a shape it can see), and with the swapped captions the fractions that follow the text and that keep the image's.
+`handoff A B CUT` draws single frames / images for the first 48 image prompts of `eval_prompts` (the same seeds) with
+small-wan's sampler (16 Euler steps, noise shift 3, guidance 4), using model A's velocity while sigma > CUT and model
+B's from there on, and prints the classifier's accuracy: with CUT 0 it is A's own accuracy, with CUT 1 B's.
+`teacher` prints, at sigma 0.3 / 0.5 / 0.7 / 0.9 on 64 held-out images, the mean squared distance of each model's
+(conditional) velocity to small-unet's and to the true `noise - x0` (Wan models on single-frame clips).
 `train` uses the default small-wan architecture, batch 16, AdamW 1e-3 (100 warm-up steps), the text encoder from
 small-flux, logit-normal noise levels shifted by the given shift.  All modes use 2 threads."""
 import re
@@ -99,6 +106,52 @@ def redraw(pipe, n=32, images=False):
               f"{follow:.2f}, keeps the image's {keep:.2f}", flush=True)
 
 
+@torch.no_grad()
+def _image_velocity(pipe, x, s, captions, guidance=None):
+    """``pipe``'s velocity on images ``x [B, 3, H, W]`` at noise level ``s`` (as single-frame clips for Wan);
+    with ``guidance``, classifier-free guided against ``""``."""
+    wan = isinstance(pipe, SmallWanPipeline)
+    caps = list(captions) + ([""] * len(captions) if guidance else [])
+    xin = torch.cat([x, x]) if guidance else x
+    xin = xin.unsqueeze(2) if wan else xin
+    v = pipe.predict(xin, torch.full((len(xin),), float(s)), *pipe.encode_prompt(caps, "cpu"))
+    v = v[:, :, 0] if wan else v
+    if guidance:
+        v_cond, v_uncond = v.chunk(2)
+        v = v_uncond + guidance * (v_cond - v_uncond)
+    return v
+
+
+@torch.no_grad()
+def handoff(a, b, cut, n=48):
+    from diffaccel.pipelines.evaluate import classifier_accuracy, eval_prompts, load_classifier
+
+    captions = eval_prompts(n)
+    sched = load_small("small-wan").scheduler
+    sched.set_timesteps(16)
+    x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for t in sched.timesteps:
+        s = float(t) / sched.config.num_train_timesteps
+        x = sched.step(_image_velocity(a if s > cut else b, x, s, captions, 4.0), t, x, return_dict=False)[0]
+    acc = classifier_accuracy(load_classifier(), (x.clamp(-1, 1) + 1) / 2, captions)
+    print(f"A above sigma {cut}, B below: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
+
+
+@torch.no_grad()
+def teacher_distance(pipes, n=64):
+    x0, captions, noise = _held_out(n, None)
+    teacher = load_small("small-unet")
+    for s in (0.3, 0.5, 0.7, 0.9):
+        xt = (1 - s) * x0 + s * noise
+        vt = _image_velocity(teacher, xt, s, captions)
+        row = [f"small-unet to truth {float(((vt - (noise - x0)) ** 2).mean()):.4f}"]
+        for name, pipe in pipes:
+            v = _image_velocity(pipe, xt, s, captions)
+            row.append(f"{name}: to small-unet {float(((v - vt) ** 2).mean()):.4f}, "
+                       f"to truth {float(((v - (noise - x0)) ** 2).mean()):.4f}")
+        print(f"sigma {s}: " + "; ".join(row), flush=True)
+
+
 def train(shift, steps, batch=16):
     torch.manual_seed(0)
     pipe = build_pipeline("wan")
@@ -127,6 +180,10 @@ if __name__ == "__main__":
         word_use(load_small(sys.argv[2]), images=sys.argv[3:] == ["images"])
     elif sys.argv[1] == "redraw":
         redraw(load_small(sys.argv[2]), images=sys.argv[3:] == ["images"])
+    elif sys.argv[1] == "handoff":
+        handoff(load_small(sys.argv[2]), load_small(sys.argv[3]), float(sys.argv[4]))
+    elif sys.argv[1] == "teacher":
+        teacher_distance([(name, load_small(name)) for name in sys.argv[2:]])
     elif sys.argv[1] == "measure":
         print(sys.argv[2], "loss with own / wrong captions", text_use(load_small(sys.argv[2])))
     else:

@@ -274,6 +274,9 @@ def train_small(
     else:
         pipe = build_pipeline(kind, seed=seed, denoiser=dict(patch_size=patch_size) if patch_size else None)
     _check_image_fraction(kind, image_fraction, pipe)
+    if image_timestep_shift is not None and not (image_fraction and image_timestep_shift > 0):
+        raise ValueError(f"image_timestep_shift (--image-timestep-shift) must be > 0 and needs image steps "
+                         f"(--image-fraction > 0), got {image_timestep_shift!r}")
     teacher = _load_image_teacher(image_teacher, image_fraction, pipe, device)
     model_patch = tuple(pipe.denoiser.config.patch_size) if kind == "wan" else None  # recorded in checkpoint and export
     if text_encoder_from and not resume:
@@ -283,9 +286,6 @@ def train_small(
         timestep_shift = float(pipe.scheduler.config.get("shift", 1.0))
     if not timestep_shift > 0:
         raise ValueError(f"timestep_shift (--timestep-shift) must be > 0, got {timestep_shift!r}")
-    if image_timestep_shift is not None and not (image_fraction and image_timestep_shift > 0):
-        raise ValueError(f"image_timestep_shift (--image-timestep-shift) must be > 0 and needs image steps "
-                         f"(--image-fraction > 0), got {image_timestep_shift!r}")
     os.makedirs(work_dir, exist_ok=True)
     video = kind == "wan"
     size = pipe.config.sample_size

@@ -141,14 +141,15 @@ def handoff(a, b, cut, n=48):
 def teacher_distance(pipes, n=64):
     x0, captions, noise = _held_out(n, None)
     teacher = load_small("small-unet")
+    truth = noise - x0
     for s in (0.3, 0.5, 0.7, 0.9):
         xt = (1 - s) * x0 + s * noise
         vt = _image_velocity(teacher, xt, s, captions)
-        row = [f"small-unet to truth {float(((vt - (noise - x0)) ** 2).mean()):.4f}"]
+        row = [f"small-unet to truth {float(((vt - truth) ** 2).mean()):.4f}"]
         for name, pipe in pipes:
             v = _image_velocity(pipe, xt, s, captions)
             row.append(f"{name}: to small-unet {float(((v - vt) ** 2).mean()):.4f}, "
-                       f"to truth {float(((v - (noise - x0)) ** 2).mean()):.4f}")
+                       f"to truth {float(((v - truth) ** 2).mean()):.4f}")
         print(f"sigma {s}: " + "; ".join(row), flush=True)
 
 

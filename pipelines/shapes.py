@@ -18,7 +18,8 @@ size, box-filtered down); a shape's colour always differs from the background's,
 and two shapes never share the same (shape, colour) pair.
 
 ``ShapesDataset`` / ``ShapesVideoDataset`` are ``torch.utils.data.Dataset``
-views (``index -> dict(pixels in [-1, 1], caption, labels)``); ``labels`` feed
+views (``index -> dict(pixels in [-1, 1], caption, coverage, labels)``; ``coverage``: how much of each
+pixel the shapes cover, in [0, 1]); ``labels`` feed
 the shape/colour classifier (:mod:`diffaccel.pipelines.evaluate`).
 """
 from __future__ import annotations
@@ -92,13 +93,15 @@ class ShapeSpec:
 
 @dataclass
 class Sample:
-    """A rendered sample: ``image`` ``[H, W, 3]`` or ``video`` ``[T, H, W, 3]`` uint8."""
+    """A rendered sample: ``pixels`` ``[H, W, 3]`` (image) or ``[T, H, W, 3]`` (video) uint8; ``coverage``
+    ``[H, W]`` or ``[T, H, W]`` float32 in [0, 1]: how much of each pixel the shapes cover."""
 
     pixels: np.ndarray
     caption: str
     shapes: tuple
     background: str
     style: str
+    coverage: np.ndarray | None = None
 
 
 def caption_for(shapes, background: str, video: bool = False) -> str:
@@ -241,30 +244,32 @@ def _background(rng, background: str, style: str, size: int) -> np.ndarray:
 
 
 def _compose(rng_bg, shapes, background, style, size, t):
+    """``(pixels [size, size, 3] uint8, coverage [size, size] float32)`` of the frame at time ``t``."""
     img = _background(rng_bg, background, style, size)
+    cover = np.zeros((size, size), np.float32)
     for s in shapes:
-        m = _shape_mask(s, size, t)[..., None]
-        img = img * (1 - m) + np.asarray(COLORS[s.color], np.float32) * m
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        m = _shape_mask(s, size, t)
+        img = img * (1 - m[..., None]) + np.asarray(COLORS[s.color], np.float32) * m[..., None]
+        cover = np.maximum(cover, m)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), cover
 
 
 def render_image(seed: int, index: int, size: int = 32, max_shapes: int = 2) -> Sample:
     """Sample ``index`` of the image dataset with ``seed``: ``pixels`` ``[size, size, 3]`` uint8."""
     shapes, background, style = sample_spec(seed, index, max_shapes)
-    pixels = _compose(_rng(seed, index, 1), shapes, background, style, size, 0.0)
-    return Sample(pixels, caption_for(shapes, background), shapes, background, style)
+    pixels, cover = _compose(_rng(seed, index, 1), shapes, background, style, size, 0.0)
+    return Sample(pixels, caption_for(shapes, background), shapes, background, style, cover)
 
 
 def render_video(seed: int, index: int, size: int = 32, frames: int = 8, max_shapes: int = 2) -> Sample:
     """Sample ``index`` of the video dataset: ``pixels`` ``[frames, size, size, 3]`` uint8; each shape
     moves linearly from its start (frame 0) to its end (last frame)."""
     shapes, background, style = sample_spec(seed, index, max_shapes, video=True)
-    out = []
-    for f in range(frames):
-        t = f / max(frames - 1, 1)
-        # the background is the same in every frame (same generator stream)
-        out.append(_compose(_rng(seed, index, 1), shapes, background, style, size, t))
-    return Sample(np.stack(out), caption_for(shapes, background, video=True), shapes, background, style)
+    # the background is the same in every frame (same generator stream)
+    out = [_compose(_rng(seed, index, 1), shapes, background, style, size, f / max(frames - 1, 1))
+           for f in range(frames)]
+    return Sample(np.stack([p for p, _ in out]), caption_for(shapes, background, video=True), shapes, background, style,
+                  np.stack([c for _, c in out]))
 
 
 def _labels(sample: Sample):
@@ -274,6 +279,13 @@ def _labels(sample: Sample):
     for s in sample.shapes:
         pairs[pair_index(s.shape, s.color)] = 1.0
     return dict(pairs=pairs, background=torch.tensor(COLOR_NAMES.index(sample.background)))
+
+
+def _coverage(sample: Sample):
+    """The shapes' coverage as a ``[1, H, W]`` (video: ``[1, T, H, W]``) tensor, channels first as ``pixels``."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(sample.coverage)).unsqueeze(0)
 
 
 def _to_tensor(pixels: np.ndarray):
@@ -300,7 +312,8 @@ class _Base:
 
 
 class ShapesDataset(_Base):
-    """``dataset[i] = dict(pixels [3, size, size] in [-1, 1], caption, pairs, background)``."""
+    """``dataset[i] = dict(pixels [3, size, size] in [-1, 1], caption, coverage [1, size, size], pairs,
+    background)``."""
 
     def sample(self, index: int) -> Sample:
         self._check(index)
@@ -308,12 +321,12 @@ class ShapesDataset(_Base):
 
     def __getitem__(self, index: int):
         s = self.sample(index)
-        return dict(pixels=_to_tensor(s.pixels), caption=s.caption, **_labels(s))
+        return dict(pixels=_to_tensor(s.pixels), caption=s.caption, coverage=_coverage(s), **_labels(s))
 
 
 class ShapesVideoDataset(_Base):
-    """``dataset[i] = dict(pixels [3, frames, size, size] in [-1, 1], caption, pairs, background)``
-    (channels first, as ``WanTransformer3DModel`` takes them)."""
+    """``dataset[i] = dict(pixels [3, frames, size, size] in [-1, 1], caption, coverage [1, frames, size, size],
+    pairs, background)`` (channels first, as ``WanTransformer3DModel`` takes them)."""
 
     def __init__(self, seed: int = 0, length: int = 100_000, size: int = 32, frames: int = 8, max_shapes: int = 2):
         super().__init__(seed, length, size, max_shapes)
@@ -327,4 +340,4 @@ class ShapesVideoDataset(_Base):
 
     def __getitem__(self, index: int):
         s = self.sample(index)
-        return dict(pixels=_to_tensor(s.pixels).movedim(-3, 0), caption=s.caption, **_labels(s))
+        return dict(pixels=_to_tensor(s.pixels).movedim(-3, 0), caption=s.caption, coverage=_coverage(s), **_labels(s))

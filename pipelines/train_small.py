@@ -39,17 +39,31 @@ import torch
 from .shapes import ShapesDataset, ShapesVideoDataset
 from .small import _CLASSES, DEFAULT_CONFIGS, build_pipeline, is_patch_size, load_small, repatch_wan
 
-__all__ = ["train_small", "collate", "sample_sigmas", "noisy_batch", "lr_at", "is_image_step", "run_from_args", "SAVE_DTYPES",
+__all__ = ["train_small", "collate", "shape_loss_weights", "sample_sigmas", "noisy_batch", "lr_at", "is_image_step", "run_from_args", "SAVE_DTYPES",
            "MIXED_PRECISIONS"]
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MIXED_PRECISIONS = ("no", "bf16")
 
 
-def collate(dataset, indices):
-    """``(pixels [B, ...], captions)`` of ``dataset`` samples ``indices`` (wrapping around its length)."""
+def collate(dataset, indices, coverage=False):
+    """``(pixels [B, ...], captions)`` of ``dataset`` samples ``indices`` (wrapping around its length); with
+    ``coverage``, ``(pixels, captions, coverage [B, 1, ...])``."""
     items = [dataset[int(i) % len(dataset)] for i in indices]
-    return torch.stack([it["pixels"] for it in items]), [it["caption"] for it in items]
+    out = (torch.stack([it["pixels"] for it in items]), [it["caption"] for it in items])
+    return out + (torch.stack([it["coverage"] for it in items]),) if coverage else out
+
+
+def shape_loss_weights(coverage, shape_weight, margin=2):
+    """Per-pixel loss weights ``1 + shape_weight * near`` from the shapes' ``coverage`` (``[B, 1, H, W]`` or
+    ``[B, 1, F, H, W]``), ``near`` its maximum over a ``(2 margin + 1)``-pixel square (each frame alone): the
+    shapes and ``margin`` pixels around them, where a shape's outline is drawn."""
+    k = 2 * margin + 1
+    if coverage.dim() == 5:
+        near = torch.nn.functional.max_pool3d(coverage, (1, k, k), stride=1, padding=(0, margin, margin))
+    else:
+        near = torch.nn.functional.max_pool2d(coverage, k, stride=1, padding=margin)
+    return 1.0 + shape_weight * near
 
 
 def _trainable(pipe):
@@ -227,6 +241,7 @@ def train_small(
     image_fraction: float = 0.0,
     mixed_precision: str = "no",
     image_teacher: str | None = None,
+    shape_weight: float = 0.0,
     save_every: int = 200,
     log_every: int = 20,
     sample_every: int = 500,
@@ -251,9 +266,14 @@ def train_small(
     runs the forward pass under bf16 autocast (parameters, optimiser and EMA stay fp32).  ``image_teacher`` (Wan
     with ``image_fraction``: a small image pipeline name or folder of the same native size) makes the image steps
     regress that model's velocity on the same noisy frames, noise levels and captions (through its own text encoder)
-    instead of the sampled ``noise - x0``; the video steps stay plain flow matching.  Returns a summary dict."""
+    instead of the sampled ``noise - x0``; the video steps stay plain flow matching.  ``shape_weight`` weights
+    the squared error of each pixel by :func:`shape_loss_weights` (``1 + shape_weight`` on and near the shapes, 1
+    elsewhere; the loss is the weighted mean), so that the outlines, where the prompted shape shows, count more;
+    the logged ``loss`` stays the plain mean squared error.  Returns a summary dict."""
     if cooldown_from is not None and max_steps is None:
         raise ValueError("cooldown_from (--cooldown-from) needs max_steps (--max-steps), the step where the decay ends")
+    if isinstance(shape_weight, bool) or not isinstance(shape_weight, (int, float)) or not shape_weight >= 0:
+        raise ValueError(f"shape_weight (--shape-weight) must be a number >= 0, got {shape_weight!r}")
     if mixed_precision not in MIXED_PRECISIONS:
         raise ValueError(f"mixed_precision (--mixed-precision) must be one of {MIXED_PRECISIONS}, "
                          f"got {mixed_precision!r}")
@@ -358,7 +378,7 @@ def train_small(
                     timestep_shift=timestep_shift, image_timestep_shift=image_timestep_shift,
                     image_fraction=image_fraction, mixed_precision=mixed_precision,
                     patch_size=list(model_patch) if model_patch else None, init_from=init_from,
-                    image_teacher=image_teacher,
+                    image_teacher=image_teacher, shape_weight=shape_weight,
                     command=command, continue_with=_continue_command(command), runs=_runs())
         with open(os.path.join(tmp, "training.json"), "w") as f:
             json.dump(info, f, indent=2)
@@ -379,10 +399,10 @@ def train_small(
         idx = np.arange(step * batch_size, (step + 1) * batch_size)
         image_step = video and is_image_step(step, image_fraction)  # single-frame clips [B, 3, 1, H, W]
         if video and not image_step:
-            x0, captions = collate(videos, idx)
+            x0, captions, cover = collate(videos, idx, coverage=True)
         else:
-            x0, captions = collate(dataset, idx)
-            x0 = x0.unsqueeze(2) if video else x0
+            x0, captions, cover = collate(dataset, idx, coverage=True)
+            x0, cover = (x0.unsqueeze(2), cover.unsqueeze(2)) if video else (x0, cover)
         shift = image_timestep_shift if image_step and image_timestep_shift is not None else timestep_shift
         captions, xt, sigma, target = noisy_batch(x0, captions, gen, caption_dropout, shift)
         xt, sigma, target = xt.to(device), sigma.to(device), target.to(device)
@@ -392,8 +412,12 @@ def train_small(
             text, pooled = pipe.encode_prompt(captions, device)
             pred = pipe.predict(xt, sigma, text, pooled)
         loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        objective = loss
+        if shape_weight:
+            w = shape_loss_weights(cover.to(device), shape_weight).expand_as(pred)
+            objective = (w * (pred.float() - target.float()).square()).sum() / w.sum()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g_ in opt.param_groups:
             g_["lr"] = lr_at(step, lr, warmup, cooldown_from, max_steps, final_lr_ratio)
@@ -532,7 +556,7 @@ def run_from_args(args):
         text_encoder_from=args.text_encoder_from, timestep_shift=args.timestep_shift,
         image_timestep_shift=args.image_timestep_shift, patch_size=args.patch_size,
         image_fraction=args.image_fraction, mixed_precision=args.mixed_precision, init_from=args.init_from,
-        image_teacher=args.image_teacher,
+        image_teacher=args.image_teacher, shape_weight=args.shape_weight,
         cooldown_from=args.cooldown_from, ema_decay=args.ema_decay, data_seed=args.data_seed, seed=args.seed, threads=args.threads,
         device=args.device, resume=args.resume, save_every=args.save_every, sample_every=args.sample_every,
         save_dtype=args.save_dtype, command=command,

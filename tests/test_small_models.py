@@ -74,6 +74,47 @@ def test_video_dataset_moves_shapes():
     assert pairs
 
 
+def test_dataset_coverage_marks_the_shapes():
+    """`coverage` is how much of each pixel the shapes cover: fully covered pixels have the shape's colour,
+    uncovered ones the background's, and a circle's coverage sums to its area; a clip's coverage moves with it."""
+    for i in range(20):
+        s = shapes.render_image(0, i)
+        assert s.coverage.shape == (32, 32) and 0 <= s.coverage.min() and s.coverage.max() <= 1
+        full = s.coverage == 1
+        colours = {tuple(shapes.COLORS[x.color]) for x in s.shapes}
+        assert full.any() and all(tuple(p) in colours for p in s.pixels[full])
+        bg = shapes._background(shapes._rng(0, i, 1), s.background, s.style, 32)
+        outside = s.coverage == 0
+        assert outside.any() and np.array_equal(s.pixels[outside], np.rint(bg[outside]).astype(np.uint8))
+        if len(s.shapes) == 1 and s.shapes[0].shape == "circle":
+            r = s.shapes[0].r * 32  # PIL's ellipse includes its bounding box: up to one supersampled pixel more
+            assert np.pi * r ** 2 <= s.coverage.sum() <= np.pi * (r + 1 / shapes.SUPERSAMPLE) ** 2
+    item = shapes.ShapesDataset(0, 10)[3]
+    assert item["coverage"].shape == (1, 32, 32)
+    assert torch.equal(item["coverage"][0], torch.from_numpy(shapes.render_image(0, 3).coverage))
+    v = shapes.render_video(0, 5, frames=4)
+    assert v.coverage.shape == (4, 32, 32) and not np.array_equal(v.coverage[0], v.coverage[-1])
+    assert shapes.ShapesVideoDataset(0, 10, frames=4)[5]["coverage"].shape == (1, 4, 32, 32)
+
+
+def test_shape_loss_weights():
+    """`1 + W` on the shapes and within `margin` pixels of them (each frame alone), 1 elsewhere."""
+    from diffaccel.pipelines.train_small import shape_loss_weights
+
+    cover = torch.zeros(1, 1, 9, 9)
+    cover[0, 0, 4, 4] = 1.0
+    want = torch.ones(1, 1, 9, 9)
+    want[0, 0, 2:7, 2:7] = 5.0
+    assert torch.equal(shape_loss_weights(cover, 4.0), want)
+    cover[0, 0, 4, 4] = 0.5  # partly covered: half the extra weight
+    assert torch.equal(shape_loss_weights(cover, 4.0, margin=1)[0, 0, 3:6, 3:6], torch.full((3, 3), 3.0))
+    clip = torch.zeros(1, 1, 3, 9, 9)
+    clip[0, 0, 1, 0, 8] = 1.0
+    w = shape_loss_weights(clip, 2.0)
+    assert torch.equal(w[0, 0, 1, :3, 6:], torch.full((3, 3), 3.0)) and w[0, 0, 1].sum() == 81 + 2 * 9
+    assert torch.equal(w[0, 0, 0], torch.ones(9, 9)) and torch.equal(w[0, 0, 2], torch.ones(9, 9))
+
+
 def test_parse_caption_rejects_other_text():
     assert shapes.parse_caption("a red circle and a blue star on a white background") == (
         [("circle", "red"), ("star", "blue")], "white")
@@ -481,6 +522,50 @@ def test_train_small_init_from_a_model_with_a_finer_patch(tmp_path, monkeypatch)
         train_small("wan", str(tmp_path / "o"), str(tmp_path / "w"), init_from="small-flux")
     with pytest.raises(ValueError, match="--mixed-precision"):
         train_small("wan", str(tmp_path / "o"), str(tmp_path / "w"), mixed_precision="fp8")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+
+
+def test_train_small_shape_weight(tmp_path, monkeypatch):
+    """`--shape-weight W` trains on the weighted mean of the squared error, weights `shape_loss_weights` of the
+    batch's own coverage (video and image steps): with the weights replaced by ones the gradients are the plain
+    run's, with the real ones they differ.  Recorded in training.json; a negative weight is refused by name."""
+    from diffaccel.pipelines import train_small as ts
+
+    real_weights, real_clip = ts.shape_loss_weights, torch.nn.utils.clip_grad_norm_
+    grads, covers = [], []
+
+    def spy_clip(params, *a, **k):
+        grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
+        return real_clip(params, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy_clip)
+
+    def run(name, weight, ones=False):
+        def spy_weights(cover, w, *a, **k):
+            covers.append(cover.clone())
+            return torch.ones_like(cover) if ones else real_weights(cover, w, *a, **k)
+
+        monkeypatch.setattr(ts, "shape_loss_weights", spy_weights)
+        grads.clear(), covers.clear()
+        cli_main(["train-small", "wan", "--max-steps", "2", "--batch-size", "2", "--output", str(tmp_path / name),
+                  "--work-dir", str(tmp_path / (name + "-run")), "--save-every", "0", "--sample-every", "0",
+                  "--image-fraction", "0.5", "--shape-weight", str(weight)])
+        return list(grads), list(covers)
+
+    plain, none = run("plain", 0)
+    assert none == []  # no weights without --shape-weight
+    ones, covers = run("ones", 4, ones=True)
+    _, _, video_cover = ts.collate(ts.ShapesVideoDataset(0, 10 ** 6, 32, frames=4), range(2), coverage=True)
+    _, _, image_cover = ts.collate(ts.ShapesDataset(0, 10 ** 6, 32), range(2, 4), coverage=True)
+    assert torch.equal(covers[0], video_cover) and torch.equal(covers[1], image_cover.unsqueeze(2))
+    weighted, _ = run("weighted", 4)
+    for a, b, c in zip(plain, ones, weighted):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7) and not torch.allclose(a, c, rtol=0.05, atol=1e-5)
+    info = json.loads((tmp_path / "weighted" / "training.json").read_text())
+    assert info["shape_weight"] == 4.0 and json.loads((tmp_path / "plain" / "training.json").read_text())[
+        "shape_weight"] == 0.0
+    with pytest.raises(ValueError, match="--shape-weight"):
+        ts.train_small("flux", str(tmp_path / "o"), str(tmp_path / "w"), shape_weight=-1.0)
     assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .shapes import ShapesDataset, ShapesVideoDataset
-from .small import _CLASSES, DEFAULT_CONFIGS, build_pipeline, is_patch_size, load_small, repatch_wan
+from .small import _CLASSES, DEFAULT_CONFIGS, build_pipeline, is_patch_size, load_small, repatch_wan, resolve_small
 
 __all__ = ["train_small", "collate", "shape_loss_weights", "sample_sigmas", "noisy_batch", "lr_at", "is_image_step", "run_from_args", "SAVE_DTYPES",
            "MIXED_PRECISIONS"]
@@ -124,6 +124,17 @@ def _copy_text_encoder(pipe, source):
         raise ValueError(f"text_encoder_from (--text-encoder-from) {source!r}: its text encoder's architecture "
                          f"differs from this model's")
     pipe.text_encoder.load_state_dict({k: v.float() for k, v in got.items()})
+
+
+def _init_training(init_from):
+    """The ``training.json`` of the pipeline a run starts from (``None`` without one), so that an export records
+    its whole lineage; read when the run starts and kept in the checkpoint for resumes."""
+    folder = resolve_small(init_from)
+    path = os.path.join(folder, "training.json") if folder else None
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _load_image_teacher(image_teacher, image_fraction, pipe, device):
@@ -262,7 +273,8 @@ def train_small(
     when ``floor((i + 1) f) > floor(i f)`` (every step for 1: a Wan model trained on images only);
     ``image_timestep_shift`` (default ``timestep_shift``) is the noise shift of the image steps.  ``init_from`` (a
     small pipeline name or folder of this ``kind``) starts from its weights; with a ``patch_size`` dividing its patch,
-    a Wan model is converted by :func:`~diffaccel.pipelines.small.repatch_wan` first.  ``mixed_precision="bf16"``
+    a Wan model is converted by :func:`~diffaccel.pipelines.small.repatch_wan` first; the export records that
+    pipeline's own ``training.json`` as ``init_from_training`` (its lineage, read when the run starts).  ``mixed_precision="bf16"``
     runs the forward pass under bf16 autocast (parameters, optimiser and EMA stay fp32).  ``image_teacher`` (Wan
     with ``image_fraction``: a small image pipeline name or folder of the same native size) makes the image steps
     regress that model's velocity on the same noisy frames, noise levels and captions (through its own text encoder)
@@ -299,6 +311,7 @@ def train_small(
                          f"(--image-fraction > 0), got {image_timestep_shift!r}")
     teacher = _load_image_teacher(image_teacher, image_fraction, pipe, device)
     model_patch = tuple(pipe.denoiser.config.patch_size) if kind == "wan" else None  # recorded in checkpoint and export
+    init_training = ck.get("init_training") if ck is not None else _init_training(init_from) if init_from else None
     if text_encoder_from and not resume:
         _copy_text_encoder(pipe, text_encoder_from)
     pipe.to(device)
@@ -342,7 +355,7 @@ def train_small(
         return runs + [dict(command=command, end_step=step, minutes=round((time.time() - t0) / 60, 1))]
 
     def save(final=False):
-        ck = dict(kind=kind, patch_size=model_patch, step=step, elapsed=elapsed_before + time.time() - t0, runs=_runs(),
+        ck = dict(kind=kind, patch_size=model_patch, init_training=init_training, step=step, elapsed=elapsed_before + time.time() - t0, runs=_runs(),
                   model=_state(pipe), optimizer=opt.state_dict(), ema=[e.cpu() for e in ema], rng=torch.get_rng_state())
         tmp = ckpt_path + ".tmp"
         torch.save(ck, tmp)
@@ -378,7 +391,7 @@ def train_small(
                     timestep_shift=timestep_shift, image_timestep_shift=image_timestep_shift,
                     image_fraction=image_fraction, mixed_precision=mixed_precision,
                     patch_size=list(model_patch) if model_patch else None, init_from=init_from,
-                    image_teacher=image_teacher, shape_weight=shape_weight,
+                    image_teacher=image_teacher, shape_weight=shape_weight, init_from_training=init_training,
                     command=command, continue_with=_continue_command(command), runs=_runs())
         with open(os.path.join(tmp, "training.json"), "w") as f:
             json.dump(info, f, indent=2)

@@ -509,14 +509,21 @@ def test_train_small_init_from_a_model_with_a_finer_patch(tmp_path, monkeypatch)
     info = json.loads((out / "training.json").read_text())
     assert info["init_from"] == "small-wan" and info["patch_size"] == [1, 2, 2]
     assert info["mixed_precision"] == "bf16" and math.isfinite(info["final_loss"])
+    with open(os.path.join(small.MODELS_DIR, "small-wan", "training.json")) as f:
+        shipped = json.load(f)
+    assert info["init_from_training"] == shipped  # the lineage
     expected = small.repatch_wan(small.load_small("small-wan").transformer, (1, 2, 2)).state_dict()
     got = small.load_small(str(out)).transformer.state_dict()
     assert set(got) == set(expected)
     # one step at lr 1e-12 (and the EMA) leaves the converted weights where they were
     assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
     assert autocast == [True]
+    from diffaccel.pipelines import train_small as ts
+
+    monkeypatch.setattr(ts, "_init_training", lambda init_from: {"read": "again"})
     cli_main(args[:3] + ["2"] + args[4:-6] + ["--resume"])
     assert autocast == [True, False]  # bf16 only when asked
+    assert json.loads((out / "training.json").read_text())["init_from_training"] == shipped  # kept from the checkpoint
     assert tuple(small.load_small(str(out)).transformer.config.patch_size) == (1, 2, 2)
     with pytest.raises(ValueError, match="--init-from.*SmallFluxPipeline, not a wan model"):
         train_small("wan", str(tmp_path / "o"), str(tmp_path / "w"), init_from="small-flux")

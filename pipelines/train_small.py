@@ -39,8 +39,8 @@ import torch
 from .shapes import ShapesDataset, ShapesVideoDataset
 from .small import _CLASSES, DEFAULT_CONFIGS, build_pipeline, is_patch_size, load_small, repatch_wan, resolve_small
 
-__all__ = ["train_small", "collate", "shape_loss_weights", "sample_sigmas", "noisy_batch", "lr_at", "is_image_step", "run_from_args", "SAVE_DTYPES",
-           "MIXED_PRECISIONS"]
+__all__ = ["train_small", "collate", "shape_loss_weights", "sample_sigmas", "noisy_batch", "lr_at", "is_image_step",
+           "run_from_args", "SAVE_DTYPES", "MIXED_PRECISIONS"]
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MIXED_PRECISIONS = ("no", "bf16")
@@ -274,10 +274,10 @@ def train_small(
     ``image_timestep_shift`` (default ``timestep_shift``) is the noise shift of the image steps.  ``init_from`` (a
     small pipeline name or folder of this ``kind``) starts from its weights; with a ``patch_size`` dividing its patch,
     a Wan model is converted by :func:`~diffaccel.pipelines.small.repatch_wan` first; the export records that
-    pipeline's own ``training.json`` as ``init_from_training`` (its lineage, read when the run starts).  ``mixed_precision="bf16"``
-    runs the forward pass under bf16 autocast (parameters, optimiser and EMA stay fp32).  ``image_teacher`` (Wan
-    with ``image_fraction``: a small image pipeline name or folder of the same native size) makes the image steps
-    regress that model's velocity on the same noisy frames, noise levels and captions (through its own text encoder)
+    pipeline's own ``training.json`` as ``init_from_training`` (its lineage, read when the run starts).
+    ``mixed_precision="bf16"`` runs the forward pass under bf16 autocast (parameters, optimiser and EMA stay
+    fp32).  ``image_teacher`` (Wan with ``image_fraction``: a small image pipeline name or folder of the same native
+    size) makes the image steps regress that model's velocity on the same noisy frames, noise levels and captions (through its own text encoder)
     instead of the sampled ``noise - x0``; the video steps stay plain flow matching.  ``shape_weight`` weights
     the squared error of each pixel by :func:`shape_loss_weights` (``1 + shape_weight`` on and near the shapes, 1
     elsewhere; the loss is the weighted mean), so that the outlines, where the prompted shape shows, count more;
@@ -355,8 +355,9 @@ def train_small(
         return runs + [dict(command=command, end_step=step, minutes=round((time.time() - t0) / 60, 1))]
 
     def save(final=False):
-        ck = dict(kind=kind, patch_size=model_patch, init_training=init_training, step=step, elapsed=elapsed_before + time.time() - t0, runs=_runs(),
-                  model=_state(pipe), optimizer=opt.state_dict(), ema=[e.cpu() for e in ema], rng=torch.get_rng_state())
+        ck = dict(kind=kind, patch_size=model_patch, init_training=init_training, step=step,
+                  elapsed=elapsed_before + time.time() - t0, runs=_runs(), model=_state(pipe),
+                  optimizer=opt.state_dict(), ema=[e.cpu() for e in ema], rng=torch.get_rng_state())
         tmp = ckpt_path + ".tmp"
         torch.save(ck, tmp)
         os.replace(tmp, ckpt_path)

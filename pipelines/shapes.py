@@ -101,7 +101,7 @@ class Sample:
     shapes: tuple
     background: str
     style: str
-    coverage: np.ndarray | None = None
+    coverage: np.ndarray
 
 
 def caption_for(shapes, background: str, video: bool = False) -> str:

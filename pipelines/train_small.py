@@ -277,8 +277,8 @@ def train_small(
     pipeline's own ``training.json`` as ``init_from_training`` (its lineage, read when the run starts).
     ``mixed_precision="bf16"`` runs the forward pass under bf16 autocast (parameters, optimiser and EMA stay
     fp32).  ``image_teacher`` (Wan with ``image_fraction``: a small image pipeline name or folder of the same native
-    size) makes the image steps regress that model's velocity on the same noisy frames, noise levels and captions (through its own text encoder)
-    instead of the sampled ``noise - x0``; the video steps stay plain flow matching.  ``shape_weight`` weights
+    size) makes the image steps regress that model's velocity on the same noisy frames, noise levels and captions
+    (through its own text encoder) instead of the sampled ``noise - x0``; the video steps stay plain flow matching.  ``shape_weight`` weights
     the squared error of each pixel by :func:`shape_loss_weights` (``1 + shape_weight`` on and near the shapes, 1
     elsewhere; the loss is the weighted mean), so that the outlines, where the prompted shape shows, count more;
     the logged ``loss`` stays the plain mean squared error.  Returns a summary dict."""

@@ -162,6 +162,9 @@ def _add_train_small_arguments(p):
     p.add_argument("--image-teacher", metavar="MODEL",
                    help="wan with --image-fraction: the image steps regress this small image pipeline's velocity "
                         "(e.g. small-unet) instead of the sampled noise - x0; the video steps stay plain flow matching")
+    p.add_argument("--video-teacher-sigma", type=float, metavar="S",
+                   help="wan with --image-teacher: the video clips at noise levels <= S also regress the teacher's "
+                        "velocity, frame by frame (captions without the motion words)")
     p.add_argument("--shape-weight", type=float, default=0.0, metavar="W",
                    help="flux/unet/wan: weight the squared error on and within 2 pixels of the shapes by 1 + W "
                         "(weighted mean; default 0: plain flow matching)")

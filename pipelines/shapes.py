@@ -114,6 +114,21 @@ def caption_for(shapes, background: str, video: bool = False) -> str:
     return " and ".join(parts) + f" on a {background} background"
 
 
+def still_caption(caption: str) -> str:
+    """``caption`` without its motion words (``"a red circle moving left on a ..."`` -> ``"a red circle on a
+    ..."``); other words and the empty caption are kept as they are."""
+    words = caption.split()
+    out = []
+    i = 0
+    while i < len(words):
+        if words[i] == "moving" and i + 1 < len(words) and words[i + 1] in DIRECTIONS:
+            i += 2
+            continue
+        out.append(words[i])
+        i += 1
+    return " ".join(out)
+
+
 def parse_caption(caption: str):
     """``([(shape, colour), ...], background)`` named by a caption of this dataset's grammar
     (``ValueError`` otherwise).  Direction words are accepted and ignored."""

@@ -36,7 +36,7 @@ import time
 import numpy as np
 import torch
 
-from .shapes import ShapesDataset, ShapesVideoDataset
+from .shapes import ShapesDataset, ShapesVideoDataset, still_caption
 from .small import _CLASSES, DEFAULT_CONFIGS, build_pipeline, is_patch_size, load_small, repatch_wan, resolve_small
 
 __all__ = ["train_small", "collate", "shape_loss_weights", "sample_sigmas", "noisy_batch", "lr_at", "is_image_step",
@@ -157,9 +157,31 @@ def _load_image_teacher(image_teacher, image_fraction, pipe, device):
 
 @torch.no_grad()
 def _teacher_velocity(teacher, xt, sigma, captions, device):
-    """``teacher``'s velocity on the single-frame clips ``xt [B, 3, 1, H, W]`` (fp32, same shape)."""
-    text, pooled = teacher.encode_prompt(captions, device)
-    return teacher.predict(xt[:, :, 0], sigma, text, pooled).float().unsqueeze(2)
+    """``teacher``'s velocity on the clips ``xt [B, 3, F, H, W]``, frame by frame (fp32, same shape); the
+    captions' motion words are dropped (:func:`still_caption`), as the image teacher never saw them."""
+    b, c, f, h, w = xt.shape
+    text, pooled = teacher.encode_prompt([still_caption(t) for t in captions], device)
+    frames = xt.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+    v = teacher.predict(frames, sigma.repeat_interleave(f), text.repeat_interleave(f, 0),
+                        pooled.repeat_interleave(f, 0))
+    return v.float().reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def teacher_targets(teacher, xt, sigma, captions, target, image_step, video_teacher_sigma, device):
+    """The regression target of one Wan batch with an image ``teacher``: every clip of an image step, and on
+    video steps the clips with ``sigma <= video_teacher_sigma`` (``None``: none), take the teacher's
+    velocity; the others keep the flow-matching ``target``."""
+    if image_step:
+        return _teacher_velocity(teacher, xt, sigma, captions, device)
+    if video_teacher_sigma is None:
+        return target
+    pick = (sigma <= video_teacher_sigma).nonzero().flatten().tolist()
+    if not pick:
+        return target
+    target = target.clone()
+    idx = torch.tensor(pick, device=target.device)
+    target[idx] = _teacher_velocity(teacher, xt[idx], sigma[idx], [captions[i] for i in pick], device)
+    return target
 
 
 @torch.no_grad()
@@ -252,6 +274,7 @@ def train_small(
     image_fraction: float = 0.0,
     mixed_precision: str = "no",
     image_teacher: str | None = None,
+    video_teacher_sigma: float | None = None,
     shape_weight: float = 0.0,
     save_every: int = 200,
     log_every: int = 20,
@@ -278,7 +301,9 @@ def train_small(
     ``mixed_precision="bf16"`` runs the forward pass under bf16 autocast (parameters, optimiser and EMA stay
     fp32).  ``image_teacher`` (Wan with ``image_fraction``: a small image pipeline name or folder of the same native
     size) makes the image steps regress that model's velocity on the same noisy frames, noise levels and captions
-    (through its own text encoder) instead of the sampled ``noise - x0``; the video steps stay plain flow matching.  ``shape_weight`` weights
+    (through its own text encoder) instead of the sampled ``noise - x0``; the video steps stay plain flow matching,
+    except that with ``video_teacher_sigma`` their clips at noise levels ``sigma <= video_teacher_sigma`` regress
+    the teacher's velocity frame by frame (captions without the motion words).  ``shape_weight`` weights
     the squared error of each pixel by :func:`shape_loss_weights` (``1 + shape_weight`` on and near the shapes, 1
     elsewhere; the loss is the weighted mean), so that the outlines, where the prompted shape shows, count more;
     the logged ``loss`` stays the plain mean squared error.  Returns a summary dict."""
@@ -310,6 +335,11 @@ def train_small(
         raise ValueError(f"image_timestep_shift (--image-timestep-shift) must be > 0 and needs image steps "
                          f"(--image-fraction > 0), got {image_timestep_shift!r}")
     teacher = _load_image_teacher(image_teacher, image_fraction, pipe, device)
+    if video_teacher_sigma is not None and (
+            teacher is None or isinstance(video_teacher_sigma, bool)
+            or not isinstance(video_teacher_sigma, (int, float)) or not 0 < video_teacher_sigma <= 1):
+        raise ValueError(f"video_teacher_sigma (--video-teacher-sigma) must be a number in (0, 1] and needs an "
+                         f"image teacher (--image-teacher), got {video_teacher_sigma!r}")
     model_patch = tuple(pipe.denoiser.config.patch_size) if kind == "wan" else None  # recorded in checkpoint and export
     init_training = ck.get("init_training") if ck is not None else _init_training(init_from) if init_from else None
     if text_encoder_from and not resume:
@@ -392,7 +422,8 @@ def train_small(
                     timestep_shift=timestep_shift, image_timestep_shift=image_timestep_shift,
                     image_fraction=image_fraction, mixed_precision=mixed_precision,
                     patch_size=list(model_patch) if model_patch else None, init_from=init_from,
-                    image_teacher=image_teacher, shape_weight=shape_weight, init_from_training=init_training,
+                    image_teacher=image_teacher, video_teacher_sigma=video_teacher_sigma, shape_weight=shape_weight,
+                    init_from_training=init_training,
                     command=command, continue_with=_continue_command(command), runs=_runs())
         with open(os.path.join(tmp, "training.json"), "w") as f:
             json.dump(info, f, indent=2)
@@ -421,8 +452,9 @@ def train_small(
         captions, xt, sigma, target = noisy_batch(x0, captions, gen, caption_dropout, shift)
         xt, sigma, target = xt.to(device), sigma.to(device), target.to(device)
         with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=mixed_precision == "bf16"):
-            if teacher is not None and image_step:
-                target = _teacher_velocity(teacher, xt, sigma, captions, device)
+            if teacher is not None:
+                target = teacher_targets(teacher, xt, sigma, captions, target, image_step, video_teacher_sigma,
+                                         device)
             text, pooled = pipe.encode_prompt(captions, device)
             pred = pipe.predict(xt, sigma, text, pooled)
         loss = torch.nn.functional.mse_loss(pred.float(), target.float())
@@ -570,7 +602,8 @@ def run_from_args(args):
         text_encoder_from=args.text_encoder_from, timestep_shift=args.timestep_shift,
         image_timestep_shift=args.image_timestep_shift, patch_size=args.patch_size,
         image_fraction=args.image_fraction, mixed_precision=args.mixed_precision, init_from=args.init_from,
-        image_teacher=args.image_teacher, shape_weight=args.shape_weight,
+        image_teacher=args.image_teacher, video_teacher_sigma=args.video_teacher_sigma,
+        shape_weight=args.shape_weight,
         cooldown_from=args.cooldown_from, ema_decay=args.ema_decay, data_seed=args.data_seed, seed=args.seed, threads=args.threads,
         device=args.device, resume=args.resume, save_every=args.save_every, sample_every=args.sample_every,
         save_dtype=args.save_dtype, command=command,

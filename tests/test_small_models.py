@@ -75,6 +75,16 @@ def test_video_dataset_moves_shapes():
     assert pairs
 
 
+def test_still_caption_drops_the_motion_words():
+    v = shapes.render_video(0, 5, frames=4)
+    still = shapes.still_caption(v.caption)
+    assert "moving" not in still and shapes.parse_caption(still) == shapes.parse_caption(v.caption)
+    assert shapes.still_caption("a red circle moving left and a blue star moving up on a white background") == (
+        "a red circle and a blue star on a white background")
+    for kept in ("", "a red circle on a blue background", "a red circle moving on a blue background"):
+        assert shapes.still_caption(kept) == kept
+
+
 def test_dataset_coverage_marks_the_shapes():
     """`coverage` is how much of each pixel the shapes cover: fully covered pixels have the shape's colour,
     uncovered ones the background's, and a circle's coverage sums to its area; a clip's coverage moves with it."""
@@ -622,4 +632,50 @@ def test_train_small_wan_image_teacher(tmp_path, monkeypatch):
                           (dict(image_fraction=0.5, image_timestep_shift=0.0), "--image-timestep-shift.*> 0")]:
         with pytest.raises(ValueError, match=match):
             ts.train_small("wan", str(tmp_path / "o"), str(tmp_path / "w"), **{"image_teacher": "small-unet", **kwargs})
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+
+
+def test_video_teacher_sigma_targets():
+    """With `--video-teacher-sigma S`, the video clips at noise levels <= S regress the image teacher's velocity
+    frame by frame (each frame alone, captions without the motion words); the clips above S keep the sampled
+    `noise - x0`; image steps take the teacher's for every clip."""
+    from diffaccel.pipelines import train_small as ts
+
+    teacher = small.load_small("small-unet")
+    gen = torch.Generator().manual_seed(0)
+    xt, target = torch.randn(3, 3, 4, 32, 32, generator=gen), torch.randn(3, 3, 4, 32, 32, generator=gen)
+    sigma = torch.tensor([0.2, 0.9, 0.5])
+    captions = ["a red circle moving left on a blue background", "a green star moving up on a white background",
+                ""]
+    got = ts.teacher_targets(teacher, xt, sigma, captions, target, False, 0.5, "cpu")
+    assert torch.equal(got[1], target[1]) and not torch.allclose(got[0], target[0], atol=1e-2)
+    with torch.no_grad():
+        for b, caption in ((0, "a red circle on a blue background"), (2, "")):
+            text, pooled = teacher.encode_prompt([caption] * 4)
+            frames = xt[b].permute(1, 0, 2, 3)  # [F, 3, H, W]: each frame alone
+            want = teacher.predict(frames, sigma[b].repeat(4), text, pooled).permute(1, 0, 2, 3)
+            assert torch.allclose(got[b], want, atol=1e-5)
+    assert torch.equal(ts.teacher_targets(teacher, xt, sigma, captions, target, False, None, "cpu"), target)
+    assert torch.equal(ts.teacher_targets(teacher, xt, sigma, captions, target, False, 0.1, "cpu"), target)
+    image = ts.teacher_targets(teacher, xt[:, :, :1], sigma, captions, target[:, :, :1], True, None, "cpu")
+    assert image.shape == (3, 3, 1, 32, 32)
+    assert torch.allclose(image[0], got[0, :, :1], atol=1e-5) and torch.allclose(image[2], got[2, :, :1], atol=1e-5)
+    assert not torch.allclose(image[1], target[1, :, :1], atol=1e-2)  # every clip, whatever its noise level
+
+
+def test_train_small_video_teacher_sigma(tmp_path):
+    """`--video-teacher-sigma` is recorded in training.json; out of (0, 1] or without a teacher it is refused by
+    name, before anything is written."""
+    from diffaccel.pipelines import train_small as ts
+
+    out = tmp_path / "model"
+    cli_main(["train-small", "wan", "--max-steps", "2", "--batch-size", "2", "--output", str(out), "--work-dir",
+              str(tmp_path / "run"), "--save-every", "0", "--sample-every", "0", "--image-fraction", "0.5",
+              "--image-teacher", "small-unet", "--video-teacher-sigma", "0.7"])
+    assert json.loads((out / "training.json").read_text())["video_teacher_sigma"] == 0.7
+    for kwargs in (dict(video_teacher_sigma=0.0), dict(video_teacher_sigma=1.5), dict(video_teacher_sigma=True),
+                   dict(video_teacher_sigma=0.5, image_teacher=None)):
+        with pytest.raises(ValueError, match="--video-teacher-sigma"):
+            ts.train_small("wan", str(tmp_path / "o"), str(tmp_path / "w"),
+                           **{"image_fraction": 0.5, "image_teacher": "small-unet", **kwargs})
     assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()

@@ -40,7 +40,7 @@ from .shapes import ShapesDataset, ShapesVideoDataset, still_caption
 from .small import _CLASSES, DEFAULT_CONFIGS, build_pipeline, is_patch_size, load_small, repatch_wan, resolve_small
 
 __all__ = ["train_small", "collate", "shape_loss_weights", "sample_sigmas", "noisy_batch", "lr_at", "is_image_step",
-           "run_from_args", "SAVE_DTYPES", "MIXED_PRECISIONS"]
+           "teacher_targets", "run_from_args", "SAVE_DTYPES", "MIXED_PRECISIONS"]
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MIXED_PRECISIONS = ("no", "bf16")

@@ -25,6 +25,7 @@ the shape/colour classifier (:mod:`diffaccel.pipelines.evaluate`).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,16 +118,7 @@ def caption_for(shapes, background: str, video: bool = False) -> str:
 def still_caption(caption: str) -> str:
     """``caption`` without its motion words (``"a red circle moving left on a ..."`` -> ``"a red circle on a
     ..."``); other words and the empty caption are kept as they are."""
-    words = caption.split()
-    out = []
-    i = 0
-    while i < len(words):
-        if words[i] == "moving" and i + 1 < len(words) and words[i + 1] in DIRECTIONS:
-            i += 2
-            continue
-        out.append(words[i])
-        i += 1
-    return " ".join(out)
+    return re.sub(rf" moving (?:{'|'.join(DIRECTIONS)})\b", "", caption)
 
 
 def parse_caption(caption: str):

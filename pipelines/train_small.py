@@ -175,12 +175,12 @@ def teacher_targets(teacher, xt, sigma, captions, target, image_step, video_teac
         return _teacher_velocity(teacher, xt, sigma, captions, device)
     if video_teacher_sigma is None:
         return target
-    pick = (sigma <= video_teacher_sigma).nonzero().flatten().tolist()
-    if not pick:
+    pick = sigma <= video_teacher_sigma
+    if not pick.any():
         return target
     target = target.clone()
-    idx = torch.tensor(pick, device=target.device)
-    target[idx] = _teacher_velocity(teacher, xt[idx], sigma[idx], [captions[i] for i in pick], device)
+    target[pick] = _teacher_velocity(teacher, xt[pick], sigma[pick],
+                                     [c for c, p in zip(captions, pick.tolist()) if p], device)
     return target
 
 

@@ -212,9 +212,14 @@ def train_classifier(output: str, work_dir: str, minutes: float = 60.0, max_step
                      device: str = "cpu", resume: bool = False, command: str | None = None, val_size: int = 1000):
     """Train the shape/colour classifier on the shapes dataset (``data_seed``; validation on ``data_seed + 1``),
     save it to ``output`` (``save_pretrained``) with ``training.json`` holding the validation accuracy."""
+    from diffaccel.io import replace_folder
+
+    from .train_small import check_output_folders, claim_work_dir, is_training_export
+
     if threads:
         torch.set_num_threads(int(threads))
-    os.makedirs(work_dir, exist_ok=True)
+    check_output_folders(output, work_dir)
+    claim_work_dir(work_dir)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = ShapeClassifier().to(device)
@@ -249,9 +254,10 @@ def train_classifier(output: str, work_dir: str, minutes: float = 60.0, max_step
     info = dict(steps=step, batch_size=batch_size, lr=lr, minutes_trained=round((time.time() - t0) / 60, 1),
                 data_seed=data_seed, validation=dict(data_seed=data_seed + 1, samples=val_size, **acc),
                 command=command)
-    model.save_pretrained(output)
-    with open(os.path.join(output, "training.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    with replace_folder(output, is_training_export, arg="output (--output)") as tmp:
+        model.save_pretrained(tmp)
+        with open(os.path.join(tmp, "training.json"), "w") as f:
+            json.dump(info, f, indent=2)
     print(json.dumps(info), flush=True)
     return info
 

@@ -171,7 +171,7 @@ def _unpack2x2(x):
 class _SmallPipeline(DiffusionPipeline):
     """Shared text encoding, sampling loop and output conversion."""
 
-    model_cpu_offload_seq = "text_encoder->denoiser"
+    model_cpu_offload_seq = "text_encoder->transformer"
     _video = False
 
     def _init_common(self, sample_size):
@@ -193,7 +193,7 @@ class _SmallPipeline(DiffusionPipeline):
     # -- text
     def encode_prompt(self, prompts, device=None):
         """``(states [B, L, D], pooled [B, D])`` of a list of prompts (``""`` is the unconditional prompt)."""
-        device = device or self.denoiser.device
+        device = device or self._execution_device
         tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt")
         out = self.text_encoder(input_ids=tok.input_ids.to(device), attention_mask=tok.attention_mask.to(device))
@@ -214,6 +214,61 @@ class _SmallPipeline(DiffusionPipeline):
     def _noise_shape(self, batch, height, width, num_frames):
         return (batch, 3, height, width)
 
+    def _image_tensor(self, image) -> torch.Tensor:
+        """``image`` (PIL image(s), video frames, or the ``"pt"`` / ``"np"`` output layouts, values in [0, 1]) as
+        a float tensor ``[N, 3, H, W]`` (videos ``[N, 3, F, H, W]``) in [0, 1]."""
+        def pil(im):
+            return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+        if isinstance(image, Image.Image):
+            image = [image]
+        if isinstance(image, (list, tuple)):
+            if not image:
+                raise ValueError("image must not be empty")
+            if self._video:
+                videos = [image] if isinstance(image[0], Image.Image) else list(image)
+                if not all(isinstance(v, (list, tuple)) and v and all(isinstance(f, Image.Image) for f in v)
+                           for v in videos):
+                    raise ValueError("image of a video pipeline must be a list of PIL frames, a list of such lists, "
+                                     "or a [N, 3, F, H, W] tensor in [0, 1]")
+                return torch.stack([torch.stack([pil(f) for f in v], 1) for v in videos])
+            if not all(isinstance(im, Image.Image) for im in image):
+                raise ValueError("image must be a PIL image, a list of PIL images or a [N, 3, H, W] tensor in [0, 1]")
+            return torch.stack([pil(im) for im in image])
+        if isinstance(image, np.ndarray):
+            image = torch.from_numpy(np.ascontiguousarray(image)).float()
+            image = image.movedim(-1, 1) if image.dim() in (4, 5) else image.movedim(-1, 0)
+        if not isinstance(image, torch.Tensor) or not image.is_floating_point():
+            raise ValueError(f"image must be PIL image(s) or a float tensor in [0, 1], got {type(image).__name__}")
+        want = 5 if self._video else 4
+        if image.dim() == want - 1:
+            image = image[None]
+        if image.dim() != want or image.shape[1] != 3:
+            layout = "[N, 3, F, H, W]" if self._video else "[N, 3, H, W]"
+            raise ValueError(f"image tensor must be {layout} in [0, 1], got shape {tuple(image.shape)}")
+        return image.float().cpu()
+
+    @staticmethod
+    def _resize(x, height, width):
+        """``[N, 3, (F,) h, w]`` resized to ``height x width`` (bicubic, antialiased; video frames one by one)."""
+        if tuple(x.shape[-2:]) == (height, width):
+            return x
+        video = x.dim() == 5
+        if video:
+            n, c, f = x.shape[:3]
+            x = x.movedim(2, 1).reshape(n * f, c, *x.shape[-2:])
+        x = torch.nn.functional.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+        if video:
+            x = x.reshape(n, f, c, height, width).movedim(1, 2)
+        return x.clamp(0, 1)
+
+    @staticmethod
+    def img2img_steps(num_inference_steps: int, strength: float) -> int:
+        """Denoising steps an img2img call runs: the last ``strength`` part of a ``num_inference_steps`` schedule
+        (the rule of diffusers' FLUX img2img pipeline; at least 1 for any strength > 0)."""
+        init = min(num_inference_steps * strength, num_inference_steps)
+        return num_inference_steps - int(max(num_inference_steps - init, 0))
+
     @torch.no_grad()
     def __call__(
         self,
@@ -228,28 +283,75 @@ class _SmallPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        image=None,
+        strength: float | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         **kwargs,
     ):
         """Generate from ``prompt``.  ``height``/``width`` default to the native ``sample_size``;
         ``guidance_scale > 1`` runs classifier-free guidance against ``negative_prompt`` (default ``""``)
         in one batched call per step.  ``latents``: the initial noise (pixels, ``sigma = 1``).
-        ``output_type``: ``"pil"``, ``"np"`` or ``"pt"`` (floats in [0, 1])."""
+        ``output_type``: ``"pil"``, ``"np"`` or ``"pt"`` (floats in [0, 1]).
+
+        Image-to-image (SDEdit, as diffusers' img2img pipelines): with ``image`` (PIL image(s); video pipelines:
+        a list of PIL frames or of such lists; or a ``"pt"``/``"np"`` output, values in [0, 1]; one per prompt or
+        one for all), resized to ``height`` x ``width`` (default: its own size), the sample starts from ``image``
+        noised to the ``strength`` point of the schedule (default 0.6) and runs its last
+        ``num_inference_steps - int(num_inference_steps * (1 - strength))`` steps, at least one (:meth:`img2img_steps`,
+        the rule of diffusers' flow-matching img2img pipelines).
+        ``callback_on_step_end(pipe, step, timestep, {"latents": x})`` runs after every step, as in diffusers; a
+        ``"latents"`` entry in the dict it returns replaces the sample."""
         num_frames = kwargs.pop("num_frames", None)
         if kwargs:
             raise TypeError(f"unexpected argument(s) {sorted(kwargs)}")
         if not self._video and num_frames is not None:
             raise TypeError(f"{type(self).__name__} generates images; num_frames is for video pipelines")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        bad = sorted(set(callback_on_step_end_tensor_inputs) - {"latents"})
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may hold 'latents' only, got {bad}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError("callback_on_step_end must be callable")
+        init = None
+        if image is not None:
+            if latents is not None:
+                raise ValueError("give image (image-to-image) or latents (the initial noise), not both")
+            strength = 0.6 if strength is None else strength
+            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+                raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+            init = self._image_tensor(image)
+            height = height or init.shape[-2]
+            width = width or init.shape[-1]
+            if self._video and num_frames is None:
+                num_frames = init.shape[2]
+        elif strength is not None:
+            raise ValueError("strength is for image-to-image: pass image= too")
         if self._video:
             num_frames = self._check_frames(self.config.num_frames if num_frames is None else num_frames)
         height = height or self.config.sample_size
         width = width or self.config.sample_size
         self._check_size(height, width)
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         batch = len(prompts)
-        device = self.denoiser.device
+        if init is not None:
+            if self._video and init.shape[2] != num_frames:
+                raise ValueError(f"image has {init.shape[2]} frames but num_frames is {num_frames}")
+            if init.shape[0] * num_images_per_prompt == batch and init.shape[0] != batch:
+                init = init.repeat_interleave(num_images_per_prompt, 0)
+            elif init.shape[0] == 1:
+                init = init.expand(batch, *init.shape[1:])
+            if init.shape[0] != batch:
+                raise ValueError(f"image holds {init.shape[0]} samples for {batch} prompts (give 1 or one per prompt)")
+            init = self._resize(init, height, width) * 2 - 1
+        device = self._execution_device
         dtype = self.denoiser.dtype
         cfg = guidance_scale > 1.0
         if cfg:
@@ -274,7 +376,15 @@ class _SmallPipeline(DiffusionPipeline):
         x = x.to(device)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        timesteps = self.scheduler.timesteps
+        if init is not None:
+            start = num_inference_steps - self.img2img_steps(num_inference_steps, strength)
+            timesteps = timesteps[start:]
+            self.scheduler.set_begin_index(start)
+            sigma0 = float(self.scheduler.sigmas[start])
+            x = (1 - sigma0) * init.to(device) + sigma0 * x
+        self._num_timesteps = len(timesteps)
+        for i, t in enumerate(self.progress_bar(timesteps)):
             sigma = (t / self.scheduler.config.num_train_timesteps).to(dtype)
             xin = torch.cat([x, x]) if cfg else x
             v = self.predict(xin.to(dtype), sigma.expand(xin.shape[0]), text, pooled).float()
@@ -282,6 +392,10 @@ class _SmallPipeline(DiffusionPipeline):
                 v_cond, v_uncond = v.chunk(2)
                 v = v_uncond + guidance_scale * (v_cond - v_uncond)
             x = self.scheduler.step(v, t, x, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                out = callback_on_step_end(self, i, t, {"latents": x} if callback_on_step_end_tensor_inputs else {})
+                if out and "latents" in out:
+                    x = out["latents"]
 
         out = (x.clamp(-1, 1) + 1) / 2
         return self._output(out.cpu(), output_type, return_dict)
@@ -339,6 +453,8 @@ class SmallFluxPipeline(_SmallPipeline):
 class SmallUNetPipeline(_SmallPipeline):
     """Text-to-image with a small SD-style ``UNet2DConditionModel`` on 2x2 space-to-depth RGB pixels
     (native 32x32 pixels = a 16x16x12 sample); cross-attention on the tiny CLIP text states."""
+
+    model_cpu_offload_seq = "text_encoder->unet"
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler, sample_size: int = 32):
         super().__init__()

@@ -105,9 +105,11 @@ def _cmd_eval(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.highres:
+        return _cmd_eval_highres(args, device)
     settings = None if not args.settings else [evaluate.parse_setting(s) for s in args.settings]
     out = evaluate.evaluate(
-        models=tuple(args.models), settings=settings, scales=tuple(args.scales),
+        models=tuple(args.models), settings=settings, scales=tuple(args.scales or (1, 2, 4)),
         video_scales=tuple(args.video_scales) if args.video_scales else None,
         num_prompts=args.num_prompts, steps=args.steps,
         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
@@ -125,6 +127,23 @@ def _cmd_eval(args):
     if args.plot:
         evaluate.plot_quality_speed(rows, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _cmd_eval_highres(args, device):
+    out = evaluate.evaluate_highres(
+        models=tuple(args.models), settings=args.settings, scales=tuple(args.scales or (4, 8)),
+        num_prompts=args.num_prompts, steps=tuple(args.stage_steps),
+        strength=args.strength[0] if args.strength and len(args.strength) == 1 else args.strength,
+        single_stage=tuple(args.single_stage or ()), single_steps=args.steps, guidance=args.guidance, seed=args.seed,
+        batch_size=args.batch_size, classifier=args.classifier, device=device,
+        log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(evaluate.format_highres_table(out["results"]))
+    if args.json:
+        from diffaccel.io import atomic_write_json
+
+        atomic_write_json(args.json, dict(config=out["config"], results=out["results"]))
+        print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 
@@ -235,7 +254,8 @@ def register(sub):
     e.add_argument("--models", nargs="+", default=["small-flux", "small-unet", "small-wan"])
     e.add_argument("--settings", nargs="+",
                    help="method settings 'method:key=value,...' (default: a few per applicable method)")
-    e.add_argument("--scales", nargs="+", type=float, default=[1, 2, 4], help="multiples of the native size")
+    e.add_argument("--scales", nargs="+", type=float,
+                   help="multiples of the native size (default 1 2 4; with --highres 4 8)")
     e.add_argument("--video-scales", nargs="+", type=float,
                    help="scales for video models (default: --scales)")
     e.add_argument("--num-prompts", type=int, default=8)
@@ -250,6 +270,16 @@ def register(sub):
     e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     e.add_argument("--threads", type=int, help="torch CPU threads")
     e.add_argument("--progress", action="store_true", help="progress bars over the denoising steps")
+    h = e.add_argument_group("high-resolution chain (--highres)")
+    h.add_argument("--highres", action="store_true",
+                   help="evaluate the high-resolution chain instead: each setting upscales native-size samples through "
+                        "2x stages to the --scales (default here 4 8); classifier accuracy at each scale")
+    h.add_argument("--stage-steps", nargs="+", type=int, default=[16, 10], metavar="N",
+                   help="schedule steps of stage 1, then of each upscale stage (default 16 10)")
+    h.add_argument("--strength", nargs="+", type=float,
+                   help="re-noising strength of each upscale stage (default: the chain's schedule)")
+    h.add_argument("--single-stage", nargs="+", type=float, metavar="SCALE",
+                   help="also sample each setting in one stage at these scales (--steps steps), the comparison")
     e.set_defaults(func=_cmd_eval)
 
     t = sub.add_parser("train-small", help="train a small shapes model (flux, unet, wan) or the shape classifier",

@@ -56,6 +56,8 @@ __all__ = [
     "resolve_options",
     "evaluate",
     "format_table",
+    "evaluate_highres",
+    "format_highres_table",
     "plot_quality_speed",
 ]
 
@@ -623,3 +625,184 @@ def plot_quality_speed(rows, path: str, metric: str = "psnr") -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
     return path
+
+
+# ----------------------------------------------------------------------------- high-resolution chain
+
+
+def evaluate_highres(models=("small-flux", "small-unet"), settings=None, scales=(4, 8), num_prompts=16,
+                     steps=(16, 10), strength=None, single_stage=(), single_steps=10, guidance=4.0, seed=0,
+                     batch_size=4, classifier="shape-classifier", device="cpu", log=None):
+    """The high-resolution chain (:func:`diffaccel.pipelines.highres.generate_highres`) on the small models: does
+    a native-size sample upscaled to ``scales`` x the native size stay the prompted picture?
+
+    For each model and setting (``None``: dense and the first default setting of every method the model supports;
+    video models also ``freeswim``), the :func:`eval_prompts` are generated once through the chain to the largest
+    scale (stage 1 at the native size with full attention and ``steps[0]`` steps; each 2x stage with the setting,
+    ``steps[1]`` schedule steps re-noised to ``strength``); the output of every stage at a requested scale is
+    area-downscaled to the classifier's 32 x 32 and scored against the prompt (:func:`classifier_accuracy`).  The
+    stage-1 outputs give the native-size accuracy of the same prompts and seeds (row ``scale`` 1).
+    ``single_stage``: scales at which each setting also samples in one stage (``single_steps`` steps, the same
+    seeds), the comparison.  Rows: ``mode`` (``"chain"``, ``"single"`` or ``"native"``), ``model``, ``setting``,
+    ``scale``, sizes, ``acc_*`` and ``sec_per_sample`` (the chain's: every stage up to that scale)."""
+    import diffaccel  # noqa: F401
+    from diffaccel.registry import get_method
+
+    from ..highres import FREESWIM, generate_highres, plan_stages
+    from .pipeline import SMALL_MODELS, load_small, resolve_small
+
+    log = log or (lambda msg: print(msg, flush=True))
+    clf = load_classifier(classifier, device)
+    rows = []
+    scales = sorted(float(s) for s in scales)
+    for model_name in models:
+        if resolve_small(model_name) is None:
+            raise ValueError(f"models must be small shapes models {sorted(SMALL_MODELS)} or folders holding one; "
+                             f"got {model_name!r}")
+        pipe = load_small(model_name, device=device)
+        pipe.set_progress_bar_config(disable=True)
+        fam = _family(pipe)
+        video = fam == "wan"
+        native = pipe.config.sample_size
+        prompts = eval_prompts(num_prompts, video=video, seed=seed)
+        seeds = [seed * 100_000 + i for i in range(num_prompts)]
+        if settings is None:
+            chosen, seen = [Setting("dense")], set()
+            for s in default_settings(pipe):
+                if s.method not in seen:
+                    seen.add(s.method)
+                    chosen.append(s)
+            if video:
+                chosen.append(Setting(FREESWIM))
+        else:
+            chosen = []
+            for s in settings:
+                s = parse_setting(s) if isinstance(s, str) else s
+                if s.method in ("dense", FREESWIM) or fam in get_method(s.method).families:
+                    if s.method != FREESWIM or video:
+                        chosen.append(s)
+            first = {}
+            for d in default_settings(pipe):
+                first.setdefault(d.method, d)
+            chosen = [first.get(s.method, s) if not s.options else s for s in chosen]
+        top = int(round(native * scales[-1]))
+        sizes = plan_stages((native, native), top, top, pipe._size_multiple())
+        stage_steps = [steps[0]] + [steps[min(i, len(steps) - 1)] for i in range(1, len(sizes))]
+        extra = dict(guidance_scale=guidance)
+        native_done = False
+        for s in chosen:
+            log(f"# {model_name}: chain to {top}x{top} ({[h for h, _ in sizes]}), {s.label}")
+            outs = [[] for _ in sizes]
+            secs = [0.0] * len(sizes)
+            for start in range(0, num_prompts, batch_size):
+                r = generate_highres(pipe, prompts[start:start + batch_size], height=top, width=top,
+                                     method=s.method, options=dict(s.options), stages=sizes, strength=strength,
+                                     num_inference_steps=stage_steps, seed=seeds[start:start + batch_size], **extra)
+                for i, st in enumerate(r.stages):
+                    secs[i] += st.seconds
+                    outs[i].append(_stage_tensor(r.stage_outputs[i]))
+                labels = [st.method_label for st in r.stages]
+                strengths = [st.strength for st in r.stages]
+            base = dict(model=model_name, family=fam, setting=s.label, method=s.method, steps=stage_steps,
+                        strengths=strengths, stage_labels=labels)
+            for i, (h, w) in enumerate(sizes):
+                scale = h / native
+                if i == 0 and native_done:
+                    continue
+                if i and not any(abs(scale - sc) < 1e-6 for sc in scales):
+                    continue
+                acc = classifier_accuracy(clf, torch.cat(outs[i]), prompts)
+                row = dict(base, mode="native" if i == 0 else "chain", scale=scale, height=h, width=w,
+                           sec_per_sample=sum(secs[:i + 1]) / num_prompts,
+                           **{f"acc_{k}": v for k, v in acc.items()})
+                if i == 0:
+                    row.update(setting="dense", method="dense")
+                rows.append(row)
+                log(_row_line(row))
+            native_done = True
+            for scale in single_stage:
+                size = int(round(native * scale))
+                log(f"# {model_name}: single stage {size}x{size}, {s.label}")
+                if s.method == FREESWIM:
+                    from ..freeswim import FreeSwim
+
+                    ctx = FreeSwim(pipe, **s.options)
+                elif s.method != "dense":
+                    ctx = _applied(pipe, s)
+                else:
+                    ctx = _nothing()
+                with ctx:
+                    x, sec = _generate(pipe, prompts, seeds, size, size, single_steps, guidance, batch_size)
+                acc = classifier_accuracy(clf, x, prompts)
+                row = dict(model=model_name, family=fam, setting=s.label, method=s.method, mode="single",
+                           scale=float(scale), height=size, width=size, steps=[single_steps], sec_per_sample=sec,
+                           **{f"acc_{k}": v for k, v in acc.items()})
+                rows.append(row)
+                log(_row_line(row))
+    config = dict(models=list(models), scales=scales, num_prompts=num_prompts, steps=list(steps), strength=strength,
+                  single_stage=list(single_stage), single_steps=single_steps, guidance=guidance, seed=seed,
+                  batch_size=batch_size, device=str(device), threads=torch.get_num_threads(), classifier=classifier)
+    return dict(config=config, results=rows)
+
+
+def _stage_tensor(out):
+    """PIL images (or lists of PIL frames) -> ``[B, 3, H, W]`` (``[B, 3, F, H, W]``) in [0, 1]."""
+    def one(im):
+        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+    if isinstance(out[0], (list, tuple)):
+        return torch.stack([torch.stack([one(f) for f in v], 1) for v in out])
+    return torch.stack([one(im) for im in out])
+
+
+class _applied:
+    def __init__(self, pipe, setting):
+        self.pipe, self.setting = pipe, setting
+
+    def __enter__(self):
+        import diffaccel
+
+        diffaccel.apply(self.pipe, self.setting.method, **resolve_options(self.setting.options))
+
+    def __exit__(self, *exc):
+        import diffaccel
+
+        diffaccel.remove(self.pipe)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _row_line(row):
+    return (f"{row['mode']:6s} {row['model']} {row['height']}x{row['width']} {row['setting']}: shape "
+            f"{row['acc_shape']:.2f} colour {row['acc_colour']:.2f} pair {row['acc_pair']:.2f} bg "
+            f"{row['acc_background']:.2f}  {row['sec_per_sample']:.1f} s/sample")
+
+
+def format_highres_table(rows) -> str:
+    """A table of :func:`evaluate_highres` rows."""
+    cols = [("model", "model"), ("mode", "mode"), ("size", None), ("setting", "setting"), ("shape", "acc_shape"),
+            ("colour", "acc_colour"), ("pair", "acc_pair"), ("bg", "acc_background"), ("s/sample", "sec_per_sample")]
+    table = [[c[0] for c in cols]]
+    for r in rows:
+        line = []
+        for name, key in cols:
+            if name == "size":
+                line.append(f"{r['height']}x{r['width']}")
+            elif key.startswith("acc_"):
+                line.append(f"{r[key]:.2f}")
+            elif key == "sec_per_sample":
+                line.append(f"{r[key]:.1f}")
+            else:
+                line.append(str(r[key]))
+        table.append(line)
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    lines = ["  ".join(v.ljust(w) if i < 4 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+             for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

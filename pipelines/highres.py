@@ -434,6 +434,7 @@ class _DiffusersVideoAdapter(_Adapter):
 
     def refine(self, prev, prompts, h, w, steps, strength, generators, kwargs):
         kwargs.pop("_last", None)
+        kwargs.pop("num_frames", None)  # the input video's length
         videos = []
         for video, p, g in zip(prev, prompts, generators):
             frames = [f.resize((w, h), Image.BICUBIC) for f in video]

@@ -7,7 +7,10 @@ group (see ``pyproject.toml``): :func:`register` adds them to its subparsers.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
+import os
 import sys
 import time
 
@@ -17,7 +20,7 @@ import diffaccel
 from diffaccel.cli import DTYPES
 
 from . import load_pipeline
-from .media import save_media
+from .media import check_output, save_media
 from .small import evaluate, resolve_small
 from .small import train as train_small
 
@@ -42,13 +45,14 @@ def generate(model="small-flux", method="dense", options=(), prompt="a red circl
     ``method`` is ``"dense"`` or a diffaccel method, optionally with options (``"neighborhood:kernel_size=9"``);
     ``options`` adds ``KEY=VALUE`` strings.  Small models get the method's default setting when none is given.
     ``pipe`` reuses an already loaded pipeline (the method is applied for this call and removed after it).
+    Arguments are checked (``ValueError`` naming them) before the model is loaded.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    setting = evaluate.parse_setting(method, list(options))
-    if setting.method not in GENERATE_METHODS:
-        raise ValueError(f"method must be one of {GENERATE_METHODS}, got {setting.method!r}")
+    setting = _check_generate(model, method, options, height=height, width=width, steps=steps,
+                              num_images=num_images, num_frames=num_frames, guidance_scale=guidance_scale)
+    device = check_device(device)
     if pipe is None:
         pipe = load_pipeline(model, device=device, dtype=dtype, allow_download=allow_download)
+    _check_frames_for(pipe, num_frames)
     opts = dict(setting.options)
     if setting.method != "dense" and not opts and resolve_small(model) is not None:
         # a small model: the first default setting of this method (sized on its native token grid)
@@ -79,22 +83,192 @@ def generate(model="small-flux", method="dense", options=(), prompt="a red circl
     return result, seconds, _peak_memory(device), label
 
 
-def _cmd_generate(args):
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"{args.model}: {args.method}", file=sys.stderr, flush=True)
+# -- argument checks (before any model is loaded) ------------------------------------------------------------
+
+MAX_SIDE = 16384  # pixels per side; with it height x width stays within highres.MAX_PIXELS
+
+
+def _positive_int(name, maximum=None):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{name} must be at most {maximum}, got {value}")
+        return value
+
+    return parse
+
+
+def _fraction(text):
     try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--strength must be a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"--strength must be in (0, 1], got {value}")
+    return value
+
+
+def _stage_size(text):
+    """``H`` (a square) or ``HxW``."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or any(v < 1 or v > MAX_SIDE for v in values):
+        raise argparse.ArgumentTypeError(f"--stages entries must be SIZE or HEIGHTxWIDTH (1..{MAX_SIDE}), got {text!r}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def check_device(device) -> torch.device:
+    """``device`` (``None``: CUDA when available, else CPU) as a ``torch.device`` that can run here; ``ValueError``
+    naming ``--device`` otherwise."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N (or another torch device type), got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps") and not getattr(torch, dev.type, None):
+        raise ValueError(f"--device {device}: this torch build has no {dev.type!r} backend")
+    return dev
+
+
+def _model_kind(model):
+    """``"video"``, ``"image"`` or ``None`` (unknown before loading: a Hub id) for a model name or folder, from its
+    ``model_index.json`` alone."""
+    folder = resolve_small(model) or (model if os.path.isfile(os.path.join(model, "model_index.json")) else None)
+    if folder is None:
+        return None
+    try:
+        with open(os.path.join(folder, "model_index.json")) as f:
+            name = json.load(f).get("_class_name")
+    except (OSError, ValueError):
+        return None
+    from .small.pipeline import SMALL_MODELS, SmallWanPipeline
+
+    if name in SMALL_MODELS.values():
+        return "video" if name == SmallWanPipeline.__name__ else "image"
+    import diffusers
+
+    cls = getattr(diffusers, str(name), None)
+    if cls is None:
+        return None
+    return "video" if "num_frames" in inspect.signature(cls.__call__).parameters else "image"
+
+
+def _check_frames_for(pipe, num_frames):
+    if num_frames is None:
+        return
+    video = getattr(pipe, "_video", None)
+    if video is None:
+        video = "num_frames" in inspect.signature(pipe.__call__).parameters
+    if not video:
+        raise ValueError(f"--num-frames is for video models; {type(pipe).__name__} generates images")
+
+
+def _check_generate(model, method, options, *, height, width, steps, num_images, num_frames, guidance_scale,
+                    methods=GENERATE_METHODS):
+    """The method setting of a generation after checking every argument that can be checked without the model."""
+    for name, value in (("steps (--steps)", steps), ("num_images (--num-images)", num_images)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("height (--height)", height), ("width (--width)", width),
+                        ("num_frames (--num-frames)", num_frames)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("height (--height)", height), ("width (--width)", width)):
+        if value is not None and value > MAX_SIDE:
+            raise ValueError(f"{name} must be at most {MAX_SIDE} pixels, got {value}")
+    if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))
+                                       or not math.isfinite(guidance_scale) or guidance_scale < 0):
+        raise ValueError(f"guidance_scale (--guidance-scale) must be a finite number >= 0, got {guidance_scale!r}")
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"model (--model) must be a model name, folder or Hub id, got {model!r}")
+    setting = evaluate.parse_setting(method, list(options))
+    if setting.method not in methods:
+        raise ValueError(f"method (--method) must be one of {tuple(methods)}, got {setting.method!r}")
+    if setting.options and setting.method in GENERATE_METHODS:
+        from diffaccel.registry import build_options, get_method
+
+        build_options(get_method(setting.method), evaluate.resolve_options(dict(setting.options)))
+    if num_frames is not None and _model_kind(model) == "image":
+        raise ValueError(f"--num-frames is for video models; {model} generates images")
+    return setting
+
+
+def _cmd_generate(args):
+    try:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        if args.highres:
+            return _generate_highres(args)
+        count = args.num_images
+        check_output(args.output, count, overwrite=args.overwrite, arg="--output")
+        _check_generate(args.model, args.method, args.option, height=args.height, width=args.width,
+                        steps=args.steps, num_images=args.num_images, num_frames=args.num_frames,
+                        guidance_scale=args.guidance_scale)
+        print(f"{args.model}: {args.method}", file=sys.stderr, flush=True)
         result, seconds, peak, label = generate(
             args.model, args.method, args.option, args.prompt, height=args.height, width=args.width,
             steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
             negative_prompt=args.negative_prompt, num_frames=args.num_frames, num_images=args.num_images,
             device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
             allow_download=args.allow_download)
+        paths = save_media(result, args.output, overwrite=args.overwrite)
     except ValueError as e:
         raise SystemExit(f"diffaccel generate: {e}") from None
-    paths = save_media(result, args.output)
     print(f"{label}: time: {seconds:.2f} s ({args.steps} steps, {seconds / args.steps:.3f} s/step); "
           f"peak memory: {peak}")
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+def _generate_highres(args):
+    """``diffaccel generate --highres``: the multi-stage chain (diffaccel.pipelines.highres)."""
+    from .highres import FREESWIM, generate_highres
+
+    if args.height is None or args.width is None:
+        raise ValueError("--highres needs the target size: --height H --width W")
+    check_output(args.output, args.num_images, overwrite=args.overwrite, arg="--output")
+    setting = _check_generate(args.model, args.method, args.option, height=args.height, width=args.width,
+                              steps=args.steps, num_images=args.num_images, num_frames=args.num_frames,
+                              guidance_scale=args.guidance_scale, methods=GENERATE_METHODS + (FREESWIM,))
+    device = check_device(args.device)
+    print(f"{args.model}: --highres {args.height}x{args.width}, {args.method}", file=sys.stderr, flush=True)
+    pipe = load_pipeline(args.model, device=device, dtype=DTYPES[args.dtype] if args.dtype else None,
+                         allow_download=args.allow_download)
+    _check_frames_for(pipe, args.num_frames)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    strength = args.strength[0] if args.strength and len(args.strength) == 1 else args.strength
+    out = generate_highres(
+        pipe, args.prompt, height=args.height, width=args.width, method=setting.method,
+        options=evaluate.resolve_options(dict(setting.options)), first_stage_method=args.first_stage_method,
+        stages=args.stages, strength=strength, num_inference_steps=args.steps, seed=args.seed,
+        guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, num_frames=args.num_frames,
+        tiled_vae=args.tiled_vae, cpu_offload=args.cpu_offload, upscale=args.upscale, ntk_factor=args.ntk_factor,
+        proportional_attention=args.proportional_attention, num_images=args.num_images)
+    paths = save_media(out, args.output, overwrite=args.overwrite)
+    n = len(out.stages)
+    for i, st in enumerate(out.stages):
+        strength_text = "" if st.strength is None else f", strength {st.strength:g}"
+        print(f"stage {i + 1}/{n}: {st.height}x{st.width}, {st.steps} steps{strength_text}, {st.method_label}: "
+              f"{st.seconds:.2f} s")
+    print(f"total: {out.seconds:.2f} s; peak memory: {_peak_memory(device)}")
     for p in paths:
         print(f"wrote {p}")
     return 0
@@ -225,25 +399,45 @@ def register(sub):
                    help="small model name (small-flux, small-unet, small-wan), diffusers Hub id or folder "
                         "(default small-flux)")
     g.add_argument("--method", default="dense",
-                   help="dense, neighborhood, clear, linfusion or moba, optionally with options "
-                        "'method:key=value,...' (e.g. 'neighborhood:kernel_size=9'); small models get a default "
-                        "setting when none is given")
+                   help="dense, neighborhood, clear, linfusion or moba (with --highres on Wan also freeswim), "
+                        "optionally with options 'method:key=value,...' (e.g. 'neighborhood:kernel_size=9'); small "
+                        "models get a default setting when none is given")
     g.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option (Python literal value), repeatable: -o kernel_size=(9,9)")
     g.add_argument("--prompt", default="a red circle and a blue square on a yellow background")
     g.add_argument("--negative-prompt")
-    g.add_argument("--height", type=int, help="default: the model's native size")
-    g.add_argument("--width", type=int, help="default: the model's native size")
-    g.add_argument("--num-frames", type=int, help="video models only")
-    g.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    g.add_argument("--height", type=_positive_int("--height", MAX_SIDE), help="default: the model's native size")
+    g.add_argument("--width", type=_positive_int("--width", MAX_SIDE), help="default: the model's native size")
+    g.add_argument("--num-frames", type=_positive_int("--num-frames"), help="video models only")
+    g.add_argument("--steps", type=_positive_int("--steps"), default=20,
+                   help="denoising steps (default 20; with --highres the schedule of every stage)")
     g.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the pipeline's)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--output", default="output.png", help="image file (videos: .gif, or a frame strip)")
+    g.add_argument("--num-images", type=_positive_int("--num-images"), default=1)
+    g.add_argument("--output", default="output.png",
+                   help="image file (.png, .jpg, .webp ...; videos: .gif, or a strip of frames); an existing file is "
+                        "refused unless --overwrite")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 for small models, the pipeline's otherwise")
-    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--threads", type=_positive_int("--threads"), help="torch CPU threads")
     g.add_argument("--allow-download", action="store_true", help="let Hub ids download (default: offline)")
+    h = g.add_argument_group("high resolution (--highres): stage 1 at the native size, then 2x stages, each "
+                             "upscaled, re-noised and denoised with the method")
+    h.add_argument("--highres", action="store_true", help="generate --height x --width through the chain of stages")
+    h.add_argument("--stages", nargs="+", type=_stage_size, metavar="SIZE",
+                   help="the stage sizes, SIZE or HEIGHTxWIDTH, ending at the target (default: native, then 2x)")
+    h.add_argument("--strength", nargs="+", type=_fraction, metavar="F",
+                   help="re-noising strength of the upscale stages: one for all or one per stage "
+                        "(default 0.5, 0.4, then 0.3)")
+    h.add_argument("--first-stage-method", action="store_true", help="apply the method at stage 1 too")
+    h.add_argument("--upscale", choices=["pixel", "latent"], default="pixel",
+                   help="upscale decoded pixels (default) or latents (FLUX, UNet pipelines)")
+    h.add_argument("--ntk-factor", type=float, default=1.0, help="NTK-aware RoPE on the upscaled stages (FLUX, Wan)")
+    h.add_argument("--proportional-attention", action="store_true",
+                   help="softmax scale growing with the token count on the upscaled stages")
+    h.add_argument("--tiled-vae", action="store_true", help="tiled VAE decode/encode (pipelines with a VAE)")
+    h.add_argument("--cpu-offload", action="store_true", help="accelerate's model CPU offload (needs a GPU)")
     g.set_defaults(func=_cmd_generate)
 
     e = sub.add_parser("eval", help="quality (PSNR/SSIM vs full attention, classifier accuracy) and speed of every "

@@ -53,7 +53,7 @@ def per_axis(name, value, ndim, minimum=1):
         raise ValueError(f"{name} must be an int or a tuple of {ndim} ints, got {value!r}") from None
     if len(value) != ndim or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
         raise ValueError(f"{name} must be an int or a tuple of {ndim} ints (one per grid axis), got {value!r}")
-    if any(x < minimum for x in value):
+    if minimum is not None and any(x < minimum for x in value):
         raise ValueError(f"{name} must be >= {minimum} on every axis, got {value!r}")
     return value
 

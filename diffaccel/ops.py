@@ -9,6 +9,7 @@ device.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 from ._validate import check_qkv, check_scale, check_tokens, normalize_grid, per_axis, resolve_backend
@@ -45,8 +46,8 @@ def neighborhood_params(grid, kernel_size, dilation=1, stride=1):
     return grid, tuple(ks), dilation, tuple(ss)
 
 
-def neighborhood_attention(q, k, v, grid, kernel_size, *, dilation=1, stride=1, text_len=0, text_first=True,
-                           scale=None, backend=None):
+def neighborhood_attention(q, k, v, grid, kernel_size, *, dilation=1, stride=1, shift=0, text_len=0,
+                           text_first=True, scale=None, backend=None):
     """Neighborhood (sliding-window) attention with NATTEN semantics.
 
     Args:
@@ -55,6 +56,9 @@ def neighborhood_attention(q, k, v, grid, kernel_size, *, dilation=1, stride=1, 
         kernel_size, dilation, stride: an int or one per axis.  A kernel larger
             than its axis covers the whole axis.  ``stride == kernel_size`` gives
             blocked (Swin-style) windows.
+        shift: an int or one per axis: the grid is rolled cyclically by ``-shift`` before the windows and back
+            after, so blocks (``stride == kernel_size``) start ``shift`` tokens in and wrap around the edges
+            (Swin's cyclic shift, HiDiffusion's MSW-MSA); 0 = no roll.
         text_len, text_first: text tokens before (FLUX) or after (SD3) the grid;
             text queries see every key, image queries every text key plus their window.
         scale: softmax scale, default ``1/sqrt(D)``.
@@ -66,8 +70,17 @@ def neighborhood_attention(q, k, v, grid, kernel_size, *, dilation=1, stride=1, 
     if not isinstance(text_first, bool):
         raise ValueError(f"text_first must be a bool, got {text_first!r}")
     scale = check_scale(scale, q.shape[-1])
+    shift = tuple(s % n for s, n in zip(per_axis("shift", shift, len(grid), minimum=None), grid))
     backend = resolve_backend(backend, q.device)
-    args = (q, k, v, grid, kernel_size, dilation, stride, text_len, text_first, scale)
+    if any(shift):
+        roll = functools.partial(_roll_grid, grid=grid, text_len=text_len, text_first=text_first)
+        out = _neighborhood(backend, roll(q, shift), roll(k, shift), roll(v, shift), grid, kernel_size, dilation,
+                            stride, text_len, text_first, scale)
+        return roll(out, tuple(-s for s in shift))
+    return _neighborhood(backend, q, k, v, grid, kernel_size, dilation, stride, text_len, text_first, scale)
+
+
+def _neighborhood(backend, *args):
     if backend == "triton":
         from .kernels.neighborhood_triton import neighborhood_triton
 
@@ -79,6 +92,20 @@ def neighborhood_attention(q, k, v, grid, kernel_size, *, dilation=1, stride=1, 
     from .kernels.neighborhood_torch import neighborhood_torch
 
     return neighborhood_torch(*args)
+
+
+def _roll_grid(x, shift, *, grid, text_len, text_first):
+    """``x`` ``[B, S, H, D]`` with its grid tokens rolled by ``-shift`` per axis (text tokens stay)."""
+    import torch
+
+    n = math.prod(grid)
+    lo = text_len if text_first else 0
+    image = x[:, lo:lo + n].unflatten(1, grid)
+    image = torch.roll(image, shifts=[-s for s in shift], dims=list(range(1, 1 + len(grid)))).flatten(1, len(grid))
+    if not text_len:
+        return image
+    text = x[:, :text_len] if text_first else x[:, n:]
+    return torch.cat([text, image] if text_first else [image, text], dim=1)
 
 
 def linear_attention(q, k, v, *, eps=1e-4, backend=None):

@@ -182,7 +182,7 @@ def _dense_set(options, names):
     return dense
 
 
-def _timestep_hook(model, counter):
+def _timestep_hook(model, counter, needed_by="moba dense_steps"):
     try:
         params = list(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
@@ -194,7 +194,7 @@ def _timestep_hook(model, counter):
         if t is None and index is not None and index < len(args):
             t = args[index]
         if t is None:
-            raise ValueError(f"moba dense_steps needs the timestep of every {type(module).__name__} call; "
+            raise ValueError(f"{needed_by} needs the timestep of every {type(module).__name__} call; "
                              "this call has none")
         counter.observe(float(t.max()) if isinstance(t, torch.Tensor) else float(t))
         return None

@@ -19,6 +19,7 @@ from ..processors import make_processor, swap_processors
 from ..registry import Method, register_method
 
 _GRID_NDIM = {"unet": 2, "flux": 2, "sd3": 2, "wan": 3, "hunyuan_video": 3, "cogvideox": 3}
+SHIFT_SCHEDULES = ("layer", "step")
 
 
 def _check_axes(name, value):
@@ -44,12 +45,21 @@ class NeighborhoodOptions:
         an axis covers the whole axis.
     dilation, stride: the same forms; ``stride == kernel_size`` gives blocked
         (Swin-style) windows.
+    shift: shifted windows (``ops.neighborhood_attention``'s ``shift``: the grid rolled
+        cyclically before the windows and back after): an int or one per axis for every
+        layer and step; ``"layer"``: Swin's alternation, layer ``i`` (in the order of the
+        patched layers) shifted by ``(i % 2) * kernel // 2``; ``"step"``: HiDiffusion's
+        MSW-MSA, denoising step ``t`` shifted by ``(t % 4) * kernel // 4`` (its four shifts,
+        cycled instead of drawn at random; steps counted from the timesteps as MoBA's
+        ``dense_steps``).  With ``stride == kernel_size`` and ``layers=`` on a UNet's
+        top blocks this is HiDiffusion's window attention.  0 = none.
     backend: ``"triton"``, ``"flex"``, ``"torch"`` or ``None`` (best for the device).
     """
 
     kernel_size: int | tuple | None = None
     dilation: int | tuple = 1
     stride: int | tuple = 1
+    shift: int | tuple | str = 0
     backend: str | None = None
 
     def __post_init__(self):
@@ -69,6 +79,16 @@ class NeighborhoodOptions:
         st = self.stride if isinstance(self.stride, tuple) else (self.stride,) * n
         if any(s > k for s, k in zip(st, ks)):
             raise ValueError(f"stride {self.stride!r} must not exceed kernel_size {self.kernel_size!r} on any axis")
+        if isinstance(self.shift, str):
+            if self.shift not in SHIFT_SCHEDULES:
+                raise ValueError(f"shift must be an int, a tuple of ints or one of {SHIFT_SCHEDULES}, got {self.shift!r}")
+        else:
+            sh = (self.shift,) if isinstance(self.shift, int) else self.shift
+            if not isinstance(sh, (tuple, list)) or len(sh) not in (1, 2, 3) or not all(
+                    isinstance(x, int) and not isinstance(x, bool) for x in sh):
+                raise ValueError(f"shift must be an int, a tuple of 2 or 3 ints or one of {SHIFT_SCHEDULES}, "
+                                 f"got {self.shift!r}")
+            self.shift = self.shift if isinstance(self.shift, int) else tuple(self.shift)
 
 
 def core_kwargs(options: NeighborhoodOptions, family: str) -> dict:
@@ -85,15 +105,58 @@ def core_kwargs(options: NeighborhoodOptions, family: str) -> dict:
                 f"{grid}; give an int or {nd} values"
             )
         out[name] = value
+    if isinstance(options.shift, tuple) and len(options.shift) != nd:
+        raise ValueError(f"shift={options.shift!r} has {len(options.shift)} values but {family!r} models have "
+                         f"{nd}-axis token grids; give an int or {nd} values")
+    if not isinstance(options.shift, str):
+        out["shift"] = options.shift
     out["backend"] = options.backend
     return out
 
 
+class ShiftedCore:
+    """The attention core of one layer with a scheduled shift (``shift="layer"`` or ``"step"``)."""
+
+    def __init__(self, kwargs, schedule, layer_index, counter=None):
+        self.keywords = dict(kwargs, shift=schedule)
+        self.kwargs, self.schedule, self.layer_index, self.counter = kwargs, schedule, layer_index, counter
+
+    def shift_for(self, grid):
+        k = self.kwargs["kernel_size"]
+        k = (k,) * len(grid) if isinstance(k, int) else k
+        if self.schedule == "layer":
+            return tuple((self.layer_index % 2) * (ki // 2) for ki in k)
+        step = max(self.counter.step, 0)
+        return tuple(((step % 4) * ki) // 4 for ki in k)
+
+    def __call__(self, q, k, v, *, grid, text_len, text_first):
+        return ops.neighborhood_attention(q, k, v, grid, shift=self.shift_for(grid), text_len=text_len,
+                                          text_first=text_first, **self.kwargs)
+
+
 def install(model, family, options, layers):
     """Install neighborhood processors on ``layers`` (``[(name, attention module)]``); returns undo."""
-    core = functools.partial(ops.neighborhood_attention, **core_kwargs(options, family))
-    processors = {name: make_processor(family, core) for name, _ in layers}
-    return swap_processors(model, processors)
+    kwargs = core_kwargs(options, family)
+    if not isinstance(options.shift, str):
+        core = functools.partial(ops.neighborhood_attention, **kwargs)
+        return swap_processors(model, {name: make_processor(family, core) for name, _ in layers})
+    counter = handle = None
+    if options.shift == "step":
+        from .moba import StepCounter, _timestep_hook
+
+        counter = StepCounter(0)
+    processors = {name: make_processor(family, ShiftedCore(kwargs, options.shift, i, counter))
+                  for i, (name, _) in enumerate(layers)}
+    undo_swap = swap_processors(model, processors)
+    if counter is not None:
+        handle = _timestep_hook(model, counter, needed_by='neighborhood shift="step"')
+
+    def undo():
+        if handle is not None:
+            handle.remove()
+        undo_swap()
+
+    return undo
 
 
 register_method(

@@ -543,6 +543,12 @@ def format_table(rows) -> str:
             ("SSIM", "ssim", "{:.4f}"), ("shape", "acc_shape", "{:.2f}"), ("colour", "acc_colour", "{:.2f}"),
             ("pair", "acc_pair", "{:.2f}"), ("bg", "acc_background", "{:.2f}"), ("s/sample", "sec_per_sample", "{:.3f}"),
             ("speedup", "speedup", "{:.2f}x")]
+    return _table(rows, cols, left=3)
+
+
+def _table(rows, cols, left):
+    """A text table of ``rows`` (dicts): ``cols`` are ``(title, key, format)`` (``"size"``: height x width); the
+    first ``left`` columns left-aligned."""
     table = [[c[0] for c in cols]]
     for r in rows:
         line = []
@@ -555,7 +561,7 @@ def format_table(rows) -> str:
                 line.append("-")
         table.append(line)
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    lines = ["  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+    lines = ["  ".join(v.ljust(w) if i < left else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
              for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -786,23 +792,7 @@ def _row_line(row):
 
 def format_highres_table(rows) -> str:
     """A table of :func:`evaluate_highres` rows."""
-    cols = [("model", "model"), ("mode", "mode"), ("size", None), ("setting", "setting"), ("shape", "acc_shape"),
-            ("colour", "acc_colour"), ("pair", "acc_pair"), ("bg", "acc_background"), ("s/sample", "sec_per_sample")]
-    table = [[c[0] for c in cols]]
-    for r in rows:
-        line = []
-        for name, key in cols:
-            if name == "size":
-                line.append(f"{r['height']}x{r['width']}")
-            elif key.startswith("acc_"):
-                line.append(f"{r[key]:.2f}")
-            elif key == "sec_per_sample":
-                line.append(f"{r[key]:.1f}")
-            else:
-                line.append(str(r[key]))
-        table.append(line)
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    lines = ["  ".join(v.ljust(w) if i < 4 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
-             for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    cols = [("model", "model", "{}"), ("mode", "mode", "{}"), ("size", None, "{}"), ("setting", "setting", "{}"),
+            ("shape", "acc_shape", "{:.2f}"), ("colour", "acc_colour", "{:.2f}"), ("pair", "acc_pair", "{:.2f}"),
+            ("bg", "acc_background", "{:.2f}"), ("s/sample", "sec_per_sample", "{:.1f}")]
+    return _table(rows, cols, left=4)

@@ -129,9 +129,12 @@ def test_arguments(wan):
 
 
 def test_highres_chain_on_wan_video(wan):
+    rope = wan.transformer.rope
     out = generate_highres(wan, PROMPT, height=64, width=64, native_size=32, num_frames=5, num_inference_steps=2,
-                           strength=1.0, method="freeswim", options={"window": 3},
-                           pipeline_kwargs={"max_sequence_length": 16})
+                           strength=1.0, method="freeswim", options={"window": 3}, ntk_factor=2.0,
+                           proportional_attention=True, pipeline_kwargs={"max_sequence_length": 16})
     assert len(out.frames) == 1 and len(out.frames[0]) == 5 and out.frames[0][0].size == (64, 64)
-    assert [(s.height, s.method_label) for s in out.stages] == [(32, "dense"), (64, "freeswim:window=3")]
+    assert [(s.height, s.method_label) for s in out.stages] == [(32, "dense"),
+                                                                (64, "freeswim:window=3+ntk2+proportional")]
     assert out.stages[1].steps == 2
+    assert wan.transformer.rope is rope and not wan.transformer._forward_hooks

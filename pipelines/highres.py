@@ -417,11 +417,18 @@ class _DiffusersVideoAdapter(_Adapter):
         super().__init__(pipe, upscale)
         if upscale != "pixel":
             raise ValueError("upscale='latent' is not supported for video pipelines; use upscale='pixel'")
-        from diffusers import WanVideoToVideoPipeline
+        from diffusers import WanVideoToVideoPipeline as cls
 
         if type(_denoiser(pipe)).__name__ != "WanTransformer3DModel":
             raise ValueError(f"the video chain supports Wan pipelines; {type(pipe).__name__} is not one")
-        self.i2i = WanVideoToVideoPipeline.from_pipe(pipe)
+        # the pipeline's own modules, as WanVideoToVideoPipeline.from_pipe(pipe) passes them, without the
+        # from_pipe(...) cast of every shared module to one dtype (float32 unless given): that would change the
+        # user's pipeline (a bf16 transformer beside an fp32 VAE, as Wan is run)
+        expected, _ = cls._get_signature_keys(cls)
+        missing = [k for k in expected if k not in pipe.components and k not in cls._optional_components]
+        if missing:
+            raise ValueError(f"{type(pipe).__name__} lacks {missing} for WanVideoToVideoPipeline")
+        self.i2i = cls(**{k: pipe.components[k] for k in expected if k in pipe.components})
         self.i2i.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
 
     def first(self, prompts, h, w, steps, generators, kwargs):

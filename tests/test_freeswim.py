@@ -138,3 +138,15 @@ def test_highres_chain_on_wan_video(wan):
                                                                 (64, "freeswim:window=3+ntk2+proportional")]
     assert out.stages[1].steps == 2
     assert wan.transformer.rope is rope and not wan.transformer._forward_hooks
+
+
+def test_chain_keeps_the_pipelines_dtypes():
+    """Building the image-to-image counterparts changes no module of the user's pipeline (diffusers' class-level
+    from_pipe casts every shared module to float32 unless told otherwise)."""
+    from diffaccel.pipelines.highres import _adapter
+
+    for pipe in (tiny_wan_pipeline(), tiny_sd_pipeline()):
+        denoiser = getattr(pipe, "transformer", None) or pipe.unet
+        denoiser.to(torch.bfloat16)
+        _adapter(pipe, "pixel")
+        assert denoiser.dtype == torch.bfloat16 and pipe.vae.dtype == torch.float32

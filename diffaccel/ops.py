@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 
-from ._validate import check_qkv, check_scale, check_tokens, normalize_grid, per_axis, resolve_backend
+from ._validate import (check_qkv, check_scale, check_tokens, is_finite_number, normalize_grid, per_axis,
+                        positive_number, resolve_backend)
 
 __all__ = ["linear_attention", "local_attention", "moba_attention", "moba_params", "neighborhood_attention",
            "neighborhood_params"]
@@ -67,6 +68,8 @@ def neighborhood_attention(q, k, v, grid, kernel_size, *, dilation=1, stride=1, 
         raise ValueError(f"text_first must be a bool, got {text_first!r}")
     scale = check_scale(scale, q.shape[-1])
     backend = resolve_backend(backend, q.device)
+    if q.numel() == 0:
+        return q * 0.0  # no batch or no heads: empty, still attached to the graph
     args = (q, k, v, grid, kernel_size, dilation, stride, text_len, text_first, scale)
     if backend == "triton":
         from .kernels.neighborhood_triton import neighborhood_triton
@@ -101,8 +104,7 @@ def linear_attention(q, k, v, *, eps=1e-4, backend=None):
     check_qkv(q, k, v, same_length=False)
     if k.shape[1] == 0:
         raise ValueError(f"k and v must hold at least one token (the state is divided by N), got k {tuple(k.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    eps = positive_number("eps", eps)
     backend = resolve_backend(backend, q.device, supported=("triton", "torch"))
     if backend == "triton" and q.numel() > 0:
         from .kernels.linear_attention import linear_attention_triton
@@ -113,10 +115,15 @@ def linear_attention(q, k, v, *, eps=1e-4, backend=None):
     return linear_attention_torch(q, k, v, float(eps))
 
 
-def _check_radius(radius):
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius <= 0:
+def _check_radius(radius, grid):
+    """``radius`` as a float, clamped to the grid's diagonal (a larger circle sees the whole grid the same
+    way, and ``radius**2`` cannot overflow); an int too large for a float is such a radius too."""
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or radius <= 0:
         raise ValueError(f"radius must be a positive finite number, got {radius!r}")
-    return float(radius)
+    if isinstance(radius, float) and not math.isfinite(radius):
+        raise ValueError(f"radius must be a positive finite number, got {radius!r}")
+    diagonal = math.hypot(*grid)
+    return diagonal if radius > diagonal else float(radius)
 
 
 def _check_pooling(down_factor, pool_weight, q):
@@ -172,7 +179,7 @@ def local_attention(q, k, v, grid, radius, *, text_len=0, text_first=True, down_
     """
     check_qkv(q, k, v)
     grid = normalize_grid(grid, allowed=(2,))
-    radius = _check_radius(radius)
+    radius = _check_radius(radius, grid)
     check_tokens(q, grid, text_len)
     if not isinstance(text_first, bool):
         raise ValueError(f"text_first must be a bool, got {text_first!r}")
@@ -180,7 +187,7 @@ def local_attention(q, k, v, grid, radius, *, text_len=0, text_first=True, down_
     scale = check_scale(scale, q.shape[-1])
     backend = resolve_backend(backend, q.device)
     if q.numel() == 0:
-        backend = "torch"
+        return q * 0.0  # no batch or no heads: empty, still attached to the graph
     kx = vx = None
     if down_factor is not None:
         from .kernels.local_torch import pool_tokens
@@ -220,7 +227,7 @@ def moba_params(grid, block, topk=None, threshold=None, selection="query"):
         raise ValueError(f"topk must be a positive int (the number of blocks per query, own block included), "
                          f"got {topk!r}")
     if threshold is not None:
-        if (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
+        if (not is_finite_number(threshold)
                 or not 0 <= threshold <= 1):
             raise ValueError(f"threshold must be a number in [0, 1] (fraction of the normalised gate mass), "
                              f"got {threshold!r}")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from .._validate import BACKENDS, resolve_backend
+from .._validate import BACKENDS, positive_number, resolve_backend
 from ..processors import FluxProcessor, PatternProcessor, SD3Processor, swap_processors
 from ..io import hub_fetch, is_hub_repo_id
 from ..registry import Method, register_method
@@ -53,12 +53,6 @@ __all__ = [
 TRAIN_TOKENS = {"flux": 64 * 64 + 512, "sd3": 64 * 64 + 333}
 _PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 _SPATIAL = "processor.spatial_weight"
-
-
-def _positive_number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return value
 
 
 @dataclass
@@ -106,7 +100,7 @@ class ClearOptions:
     backend: str | None = None
 
     def __post_init__(self):
-        self.radius = float(_positive_number("radius", self.radius))
+        self.radius = positive_number("radius", self.radius)
         d = self.down_factor
         if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
             raise ValueError(f"down_factor must be None, 1 (no pooled tokens) or an int >= 2, got {d!r}")
@@ -122,13 +116,13 @@ class ClearOptions:
                 raise ValueError(f"weights_file must be a file name in the Hub repo, got {self.weights_file!r}")
             if not isinstance(w, str):
                 raise ValueError("weights_file needs weights=<Hub repo id>")
-        self.ntk_factor = float(_positive_number("ntk_factor", self.ntk_factor))
+        self.ntk_factor = positive_number("ntk_factor", self.ntk_factor)
         if not isinstance(self.proportional_attention, bool):
             raise ValueError(f"proportional_attention must be a bool, got {self.proportional_attention!r}")
         t = self.train_tokens
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 2):
             raise ValueError(f"train_tokens must be None or an int >= 2, got {t!r}")
-        self.proportional_n_factor = float(_positive_number("proportional_n_factor", self.proportional_n_factor))
+        self.proportional_n_factor = positive_number("proportional_n_factor", self.proportional_n_factor)
         if not isinstance(self.keep_original_weights, bool):
             raise ValueError(f"keep_original_weights must be a bool, got {self.keep_original_weights!r}")
         if self.backend is not None and self.backend not in BACKENDS:

@@ -1,0 +1,146 @@
+"""Issue #25: bad op arguments are ValueErrors naming the argument; empty batches give empty outputs;
+non-finite keys / values stay inside the attention pattern; checkpoints with broken tensors are refused
+without changing the model."""
+import math
+
+import pytest
+import torch
+
+from diffaccel import ops
+from diffaccel._validate import normalize_grid, per_axis
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+BACKENDS = ("torch", "flex", "triton")
+
+
+def _qkv(s, b=1, h=2, d=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, s, h, d, generator=gen) for _ in range(3)]
+
+
+OPS = {
+    "neighborhood": lambda q, k, v, grid, backend: ops.neighborhood_attention(q, k, v, grid, 3, backend=backend),
+    "local": lambda q, k, v, grid, backend: ops.local_attention(q, k, v, grid, 2, backend=backend),
+    "moba": lambda q, k, v, grid, backend: ops.moba_attention(q, k, v, grid, 2, topk=2, backend=backend),
+}
+MOBA_BACKENDS = ("torch", "triton")
+
+
+def _cases():
+    for name in OPS:
+        for backend in BACKENDS:
+            if name == "moba" and backend not in MOBA_BACKENDS:
+                continue
+            yield name, backend
+
+
+# ------------------------------------------------------------------------------------ item 6: arguments
+
+
+@pytest.mark.parametrize("name,backend", list(_cases()))
+def test_head_dim_zero_is_a_value_error(name, backend):
+    q, k, v = (torch.zeros(1, 16, 2, 0) for _ in range(3))
+    with pytest.raises(ValueError, match="head dim"):
+        OPS[name](q, k, v, (4, 4), backend)
+
+
+@pytest.mark.parametrize("name,backend", list(_cases()))
+@pytest.mark.parametrize("shape", [(0, 16, 2, 8), (2, 16, 0, 8)], ids=["batch0", "heads0"])
+def test_empty_batch_or_heads_give_an_empty_output(name, backend, shape):
+    q, k, v = (torch.zeros(shape) for _ in range(3))
+    out = OPS[name](q, k, v, (4, 4), backend)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    q.requires_grad_(True)
+    OPS[name](q, k, v, (4, 4), backend).sum().backward()  # still attached to the graph
+    assert q.grad.shape == q.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("radius", [1e200, 1e300, 1e155, 10 ** 400], ids=["1e200", "1e300", "1e155", "10**400"])
+def test_huge_radius_sees_the_whole_grid(backend, radius):
+    q, k, v = _qkv(4 + 20)
+    out = ops.local_attention(q, k, v, (4, 5), radius, text_len=4, backend=backend)
+    dense = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_radius_still_sees_the_query_itself():
+    q, k, v = _qkv(12)
+    out = ops.local_attention(q, k, v, (3, 4), 1e-200, backend="torch")
+    torch.testing.assert_close(out, v)  # every query sees exactly its own key
+
+
+BAD_GRIDS = [(4.9, 4), "44", (True, 16), (4, 4.0), [4, "4"], 16.0, None, (4, None), b"44", {4: 4}]
+
+
+@pytest.mark.parametrize("grid", BAD_GRIDS, ids=repr)
+@pytest.mark.parametrize("name", list(OPS))
+def test_grids_that_are_not_ints_are_refused(name, grid):
+    q, k, v = _qkv(16)
+    with pytest.raises(ValueError, match="grid"):
+        OPS[name](q, k, v, grid, "torch")
+
+
+def test_grid_accepts_int_likes():
+    np = pytest.importorskip("numpy")
+    assert normalize_grid((np.int64(4), 4)) == (4, 4)
+    assert normalize_grid(torch.Size([2, 3, 4])) == (2, 3, 4)
+    assert normalize_grid(7) == (7,)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("kernel_size", 2.5), ("kernel_size", (3, 3.0)), ("kernel_size", "33"), ("kernel_size", (True, 3)),
+    ("kernel_size", True), ("dilation", (1, 0)), ("stride", (1, 1, 1)), ("kernel_size", None),
+])
+def test_neighborhood_per_axis_arguments(name, value):
+    q, k, v = _qkv(16)
+    kwargs = {"kernel_size": 3, name: value}
+    with pytest.raises(ValueError, match=name):
+        ops.neighborhood_attention(q, k, v, (4, 4), **kwargs, backend="torch")
+
+
+def test_one_per_axis_validator_for_ops_and_methods():
+    from diffaccel.methods.moba import MobaOptions
+    from diffaccel.methods.neighborhood import NeighborhoodOptions
+
+    assert per_axis("kernel_size", 3, 2) == (3, 3)
+    assert per_axis("kernel_size", (3, 5)) == (3, 5)
+    assert per_axis("block", (None, 4, 4), allow_none=True) == (None, 4, 4)
+    for bad in ((3, 3.5), "33", (True, 3), (3,), (1, 2, 3, 4), 0, -1, 2.0):
+        with pytest.raises(ValueError, match="kernel_size"):
+            NeighborhoodOptions(kernel_size=bad)
+        with pytest.raises(ValueError, match="block"):
+            MobaOptions(block=bad, topk=2)
+        with pytest.raises(ValueError, match="kernel_size"):
+            per_axis("kernel_size", bad, 2)
+    with pytest.raises(ValueError, match="partitions"):
+        MobaOptions(partitions=[(2, 2, 2), (None, 2.5, 2)], topk=2)
+    with pytest.raises(ValueError, match="stride"):
+        NeighborhoodOptions(kernel_size=3, stride=(1, None))
+    assert NeighborhoodOptions(kernel_size=(3, 5)).kernel_size == (3, 5)
+    assert MobaOptions(block=[None, 4, 4], topk=2).block == (None, 4, 4)
+
+
+def test_no_second_per_axis_validator():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "diffaccel"
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        for name in ("def _check_axes", "def _check_block"):
+            assert name not in text, f"{path}: use diffaccel._validate.per_axis"
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda q, k, v: ops.neighborhood_attention(q, k, v, (4, 4), 3, scale=10 ** 400), "scale"),
+    (lambda q, k, v: ops.local_attention(q, k, v, (4, 4), 2, scale=float("nan")), "scale"),
+    (lambda q, k, v: ops.linear_attention(q, k, v, eps=10 ** 400), "eps"),
+    (lambda q, k, v: ops.moba_attention(q, k, v, (4, 4), 2, threshold=10 ** 400), "threshold"),
+    (lambda q, k, v: ops.local_attention(q, k, v, (4, 4), float("inf")), "radius"),
+    (lambda q, k, v: ops.local_attention(q, k, v, (4, 4), -(10 ** 400)), "radius"),
+])
+def test_numbers_too_large_for_a_float_are_value_errors(call, name):
+    q, k, v = _qkv(16)
+    with pytest.raises(ValueError, match=name):
+        call(q, k, v)

@@ -144,3 +144,157 @@ def test_numbers_too_large_for_a_float_are_value_errors(call, name):
     q, k, v = _qkv(16)
     with pytest.raises(ValueError, match=name):
         call(q, k, v)
+
+
+# ------------------------------------------------------------------------------------ item 7: CLEAR weights
+
+
+def _clear_model():
+    from tiny_models import flux_inputs, tiny_flux
+
+    model = tiny_flux()
+    return model, flux_inputs(model, height=4, width=5)
+
+
+def _clear_checkpoint(model):
+    import diffaccel
+    from diffaccel.methods.clear import clear_state_dict
+
+    diffaccel.apply(model, "clear", radius=2, down_factor=2)
+    try:
+        state = clear_state_dict(model)
+    finally:
+        diffaccel.remove(model)
+    g = torch.Generator().manual_seed(1)
+    return {k: t + 0.01 * torch.randn(t.shape, generator=g) for k, t in state.items()}
+
+
+class _FailingTensor(torch.Tensor):
+    """A tensor whose conversion fails, as a corrupt or lazily-read entry would, half-way through a load."""
+
+    def to(self, *args, **kwargs):
+        raise RuntimeError("simulated read failure")
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("bad", ["unreadable", "nan", "inf"])
+def test_clear_load_is_all_or_nothing(keep, bad):
+    import diffaccel
+    from tiny_models import run
+
+    model, x = _clear_model()
+    state = _clear_checkpoint(model)
+    keys = sorted(k for k in state if not k.endswith("spatial_weight"))
+    victim = keys[len(keys) // 2]  # half of the tensors load before it
+    if bad == "unreadable":
+        state[victim] = state[victim].as_subclass(_FailingTensor)
+    else:
+        state[victim] = state[victim].clone()
+        state[victim].view(-1)[3] = float("nan") if bad == "nan" else float("inf")
+    before, ref = _params(model), run(model, x)
+    with pytest.raises(ValueError, match=victim.replace(".", r"\.")):
+        diffaccel.apply(model, "clear", radius=2, down_factor=2, weights=state, keep_original_weights=keep)
+    after = _params(model)
+    assert [n for n in before if not torch.equal(before[n], after[n])] == []
+    assert diffaccel.api.applied_method(model) is None
+    torch.testing.assert_close(run(model, x), ref, atol=0, rtol=0)
+
+
+def test_clear_checkpoint_file_with_nan_pooling_weight_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    import diffaccel
+
+    model, _ = _clear_model()
+    state = _clear_checkpoint(model)
+    key = next(k for k in state if k.endswith("spatial_weight"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    path = tmp_path / "clear_local_2_down_2.safetensors"
+    save_file(state, str(path))
+    before = _params(model)
+    with pytest.raises(ValueError, match=rf"{path.name}.*NaN or inf"):
+        diffaccel.apply(model, "clear", radius=2, down_factor=2, weights=str(path))
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert diffaccel.api.applied_method(model) is None
+
+
+# ------------------------------------------------------------------------------------ items 7, 8: LinFusion
+
+
+@pytest.fixture(scope="module")
+def linfusion_unet():
+    from tiny_models import tiny_unet
+
+    return tiny_unet()
+
+
+def _linfusion_folder(unet, folder):
+    import copy
+
+    import diffaccel
+    from diffaccel.linfusion import save_linfusion
+
+    student = copy.deepcopy(unet)
+    diffaccel.apply(student, "linfusion", init="random")
+    save_linfusion(student, folder)
+    return folder
+
+
+def _unchanged(unet, before):
+    from diffaccel.api import applied_method
+
+    now = unet.state_dict()
+    return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before) \
+        and applied_method(unet) is None
+
+
+def test_save_linfusion_writes_null_for_the_default_mid_dim(linfusion_unet, tmp_path):
+    import json
+
+    folder = _linfusion_folder(linfusion_unet, tmp_path / "ckpt")
+    entries = json.loads((folder / "config.json").read_text())["modules_list"]
+    assert entries and all(e["projection_mid_dim"] is None for e in entries)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_linfusion_checkpoint_with_non_finite_weights_is_refused(linfusion_unet, tmp_path, value):
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    import diffaccel
+
+    folder = _linfusion_folder(linfusion_unet, tmp_path / "ckpt")
+    path = folder / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    tensors["1.to_k.weight"][0, 0] = float(value)
+    save_file(tensors, str(path))
+    unet = copy.deepcopy(linfusion_unet)
+    before = {k: t.clone() for k, t in unet.state_dict().items()}
+    with pytest.raises(ValueError, match=r"1\.to_k\.weight .*NaN or inf"):
+        diffaccel.apply(unet, "linfusion", weights=str(folder))
+    assert _unchanged(unet, before)
+
+
+@pytest.mark.parametrize("content,why", [
+    (b'{"modules_list": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested too deeply"),
+    (b'{"modules_list": [], "x": "\xff\xfe"}', "UnicodeDecodeError"),
+    (b"\xef\xbb\xbf{}", "JSONDecodeError"),
+], ids=["deep", "utf8", "bom"])
+def test_linfusion_unreadable_config_names_the_file(linfusion_unet, tmp_path, content, why):
+    import copy
+
+    import diffaccel
+
+    folder = _linfusion_folder(linfusion_unet, tmp_path / "ckpt")
+    (folder / "config.json").write_bytes(content)
+    unet = copy.deepcopy(linfusion_unet)
+    before = {k: t.clone() for k, t in unet.state_dict().items()}
+    with pytest.raises(ValueError, match=why) as err:
+        diffaccel.apply(unet, "linfusion", weights=str(folder))
+    assert str(folder / "config.json") in str(err.value)
+    assert _unchanged(unet, before)

@@ -254,6 +254,19 @@ class _Source:
     def get(self, key):
         return self._file.get_tensor(key) if self._file is not None else self._tensors[key]
 
+    def checked(self, key, like):
+        """Tensor ``key`` read and cast to ``like``'s dtype; ``ValueError`` naming the checkpoint and the key
+        if it cannot be read or cast, or holds NaN / inf."""
+        try:
+            t = self.get(key).to(dtype=like.dtype, device="cpu")
+        except Exception as e:
+            raise ValueError(f"CLEAR checkpoint {self.label}: cannot read tensor {key!r}: "
+                             f"{type(e).__name__}: {e}; nothing was loaded") from e
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"CLEAR checkpoint {self.label}: tensor {key!r} holds NaN or inf values "
+                             "(a corrupt or diverged checkpoint); nothing was loaded")
+        return t
+
 
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
@@ -426,12 +439,16 @@ def install(model, family, options, layers):
         for key, (_, target) in expected_keys(layers, options.down_factor).items():
             if not isinstance(target, tuple):
                 loads.append((target, key))
+        # every tensor is read, cast and checked before anything changes: a failure part-way must not
+        # leave some projections overwritten (with keep_original_weights=False there is nothing to restore)
+        for param, key in loads:
+            source.checked(key, param)
 
     processors = {name: _make_processor(family, options, attn) for name, attn in layers}
     if source is not None and options.down_factor:
         with torch.no_grad():
             for name, proc in processors.items():
-                proc.spatial_weight.copy_(source.get(f"{name}.{_SPATIAL}"))
+                proc.spatial_weight.copy_(source.checked(f"{name}.{_SPATIAL}", proc.spatial_weight))
 
     # change the model: weights, then processors, then RoPE; undo in reverse
     originals = []

@@ -70,18 +70,18 @@ def neighborhood_attention(q, k, v, grid, kernel_size, *, dilation=1, stride=1, 
     backend = resolve_backend(backend, q.device)
     if q.numel() == 0:
         return q * 0.0  # no batch or no heads: empty, still attached to the graph
-    args = (q, k, v, grid, kernel_size, dilation, stride, text_len, text_first, scale)
+    args = (grid, kernel_size, dilation, stride, text_len, text_first, scale)
     if backend == "triton":
         from .kernels.neighborhood_triton import neighborhood_triton
 
-        return neighborhood_triton(*args)
+        return neighborhood_triton(q, k, v, *args)
     if backend == "flex":
-        from .kernels.flex import neighborhood_flex
+        from .kernels.flex import neighborhood_flex as run
+    else:
+        from .kernels.neighborhood_torch import neighborhood_torch as run
+    from .kernels.nonfinite import contain_nonfinite
 
-        return neighborhood_flex(*args)
-    from .kernels.neighborhood_torch import neighborhood_torch
-
-    return neighborhood_torch(*args)
+    return contain_nonfinite(lambda q, k, v, kx, vx: run(q, k, v, *args), q, k, v)
 
 
 def linear_attention(q, k, v, *, eps=1e-4, backend=None):
@@ -194,18 +194,18 @@ def local_attention(q, k, v, grid, radius, *, text_len=0, text_first=True, down_
 
         kx = pool_tokens(k, grid, down_factor, pool_weight, text_len, text_first)
         vx = pool_tokens(v, grid, down_factor, pool_weight, text_len, text_first)
-    args = (q, k, v, grid, radius, text_len, text_first, kx, vx, scale)
     if backend == "triton":
         from .kernels.local_triton import local_triton
 
-        return local_triton(*args)
+        return local_triton(q, k, v, grid, radius, text_len, text_first, kx, vx, scale)
     if backend == "flex":
-        from .kernels.local_flex import local_flex
+        from .kernels.local_flex import local_flex as run
+    else:
+        from .kernels.local_torch import local_torch as run
+    from .kernels.nonfinite import contain_nonfinite
 
-        return local_flex(*args)
-    from .kernels.local_torch import local_torch
-
-    return local_torch(*args)
+    return contain_nonfinite(lambda q, k, v, kx, vx: run(q, k, v, grid, radius, text_len, text_first, kx, vx, scale),
+                             q, k, v, kx, vx)
 
 
 MOBA_SELECTIONS = ("query", "tile", "head")

@@ -146,6 +146,46 @@ def test_numbers_too_large_for_a_float_are_value_errors(call, name):
         call(q, k, v)
 
 
+# ------------------------------------------------------------------------------------ item 5: NaN spread
+
+
+def _reference(name, q, k, v, grid):
+    from diffaccel.kernels.local_ref import local_reference
+    from diffaccel.kernels.moba_ref import moba_reference
+    from diffaccel.kernels.neighborhood_ref import neighborhood_reference
+
+    if name == "neighborhood":
+        return neighborhood_reference(q, k, v, grid, (3, 3), (1, 1), (1, 1))
+    if name == "local":
+        return local_reference(q, k, v, grid, 2)
+    return moba_reference(q, k, v, grid, (2, 2), topk=2)
+
+
+@pytest.mark.parametrize("name,backend", list(_cases()))
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_a_nan_reaches_only_the_queries_that_see_it(name, backend, which):
+    # 6 x 6: partial Triton tiles; 5 x 6 with 2 x 2 MoBA blocks: token 26 sits in a partial border block
+    grid, at = ((6, 6), 0) if name != "moba" else ((5, 6), 26)
+    q, k, v = _qkv(math.prod(grid))
+    {"q": q, "k": k, "v": v}[which][0, at, 1, 2] = float("nan")
+    out, ref = OPS[name](q, k, v, grid, backend), _reference(name, q, k, v, grid)
+    nan = torch.isnan(ref)
+    assert 0 < int(nan[0, :, 1].any(-1).sum()) < math.prod(grid)  # some queries see it, not all
+    assert torch.equal(torch.isnan(out), nan)
+    torch.testing.assert_close(out[~nan], ref[~nan], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_neighborhood_issue_repro_nan_key_on_6x6_kernel_3(backend):
+    q, k, v = _qkv(36, h=1)
+    k[0, 14] = float("nan")  # (2, 2): in the windows of the 16 queries of rows / columns 0..3
+    out = ops.neighborhood_attention(q, k, v, (6, 6), 3, backend=backend)
+    bad = torch.isnan(out[0, :, 0]).any(-1).view(6, 6)
+    want = torch.zeros(6, 6, dtype=torch.bool)
+    want[:4, :4] = True
+    assert torch.equal(bad, want)
+
+
 # ------------------------------------------------------------------------------------ item 7: CLEAR weights
 
 
@@ -298,3 +338,13 @@ def test_linfusion_unreadable_config_names_the_file(linfusion_unet, tmp_path, co
         diffaccel.apply(unet, "linfusion", weights=str(folder))
     assert str(folder / "config.json") in str(err.value)
     assert _unchanged(unet, before)
+
+
+def test_a_missing_required_option_is_a_value_error():
+    import diffaccel
+    from tiny_models import tiny_flux
+
+    model = tiny_flux()
+    with pytest.raises(ValueError, match=r"'clear' needs the option\(s\) \['radius'\]"):
+        diffaccel.apply(model, "clear")
+    assert diffaccel.api.applied_method(model) is None

@@ -5,7 +5,13 @@ output has q's dtype.  Each op validates its arguments (``ValueError`` naming
 the argument), normalises them, and hands plain tensors to a backend in
 ``diffaccel.kernels``: ``"triton"``, ``"flex"`` (torch FlexAttention) or
 ``"torch"`` (portable eager code); ``backend=None`` picks the best for the
-device.
+device.  A batch or head count of 0 gives an empty output (no kernel runs).
+
+Non-finite inputs stay inside the pattern on every backend: a NaN or infinite
+key or value reaches only the queries that see it (their outputs become NaN),
+a non-finite query gives a NaN output, and every other output is what finite
+inputs give (``kernels/reference.py`` states the rule; ``kernels/nonfinite.py``
+enforces it for backends that cannot on their own).
 """
 from __future__ import annotations
 

@@ -42,13 +42,14 @@ NONFINITE_EXAMPLES = {"torch": 25, "flex": 4, "triton": 4}
 
 
 @st.composite
-def tensors(draw, seq, dtypes=tuple(DTYPES), small=False):
-    """``(q, k, v)`` ``[B, seq, H, D]`` of one dtype, from a drawn seed (``small``: one batch element)."""
+def tensors(draw, seq, kv_seq=None, small=False):
+    """``(q, k, v)`` ``[B, seq, H, D]`` (k, v: ``kv_seq`` tokens if given) of one dtype, from a drawn seed
+    (``small``: one batch element)."""
     b, h = draw(st.integers(1, 1 if small else 2)), draw(st.integers(1, 2))
     d = draw(st.sampled_from([1, 4, 8, 16, 24]))
-    dtype = DTYPES[draw(st.sampled_from(dtypes))]
+    dtype = DTYPES[draw(st.sampled_from(sorted(DTYPES)))]
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
-    return [torch.randn(b, seq, h, d, generator=gen).to(dtype) for _ in range(3)]
+    return [torch.randn(b, n, h, d, generator=gen).to(dtype) for n in (seq, kv_seq or seq, kv_seq or seq)]
 
 
 def per_axis_arg(draw, values):
@@ -141,43 +142,25 @@ def moba_selection_is_stable(args, q, k):
     return True
 
 
-def _neighborhood(backend):
-    def op(args, q, k, v):
-        return ops.neighborhood_attention(q, k, v, backend=backend, **args)
-
-    def ref(args, q, k, v):
-        grid, ks, dil, st_ = ops.neighborhood_params(args["grid"], args["kernel_size"], args["dilation"],
-                                                     args["stride"])
-        return neighborhood_reference(q, k, v, grid, ks, dil, st_, args["text_len"], args["text_first"],
-                                      args["scale"])
-
-    return op, ref
+def _neighborhood_ref(args, q, k, v):
+    grid, ks, dil, st_ = ops.neighborhood_params(args["grid"], args["kernel_size"], args["dilation"], args["stride"])
+    return neighborhood_reference(q, k, v, grid, ks, dil, st_, args["text_len"], args["text_first"], args["scale"])
 
 
-def _local(backend):
-    def op(args, q, k, v):
-        return ops.local_attention(q, k, v, backend=backend, **args)
-
-    def ref(args, q, k, v):
-        a = dict(args)
-        return local_reference(q, k, v, a.pop("grid"), a.pop("radius"), **a)
-
-    return op, ref
+def _local_ref(args, q, k, v):
+    a = dict(args)
+    return local_reference(q, k, v, a.pop("grid"), a.pop("radius"), **a)
 
 
-def _moba(backend):
-    def op(args, q, k, v):
-        return ops.moba_attention(q, k, v, backend=backend, **args)
-
-    def ref(args, q, k, v):
-        a = dict(args)
-        return moba_reference(q, k, v, a.pop("grid"), _block_tuple(args), **{k_: a[k_] for k_ in a if k_ != "block"})
-
-    return op, ref
+def _moba_ref(args, q, k, v):
+    a = {name: x for name, x in args.items() if name not in ("grid", "block")}
+    return moba_reference(q, k, v, args["grid"], _block_tuple(args), **a)
 
 
-OPS = {"neighborhood": (neighborhood_cases, _neighborhood), "local": (local_cases, _local),
-       "moba": (moba_cases, _moba)}
+# name -> (strategy of (args, (q, k, v)), op, dense reference)
+OPS = {"neighborhood": (neighborhood_cases, ops.neighborhood_attention, _neighborhood_ref),
+       "local": (local_cases, ops.local_attention, _local_ref),
+       "moba": (moba_cases, ops.moba_attention, _moba_ref)}
 CASES = [(name, backend) for name in OPS for backend in ("torch", "flex", "triton")
          if not (name == "moba" and backend == "flex")]
 
@@ -191,9 +174,9 @@ def _assert_matches(out, ref, q):
 # ------------------------------------------------------------------------------------ agreement
 
 
-def _agreement_test(name, backend):
-    cases, make = OPS[name]
-    op, ref = make(backend)
+@pytest.mark.parametrize("name,backend", CASES)
+def test_op_agrees_with_the_dense_reference(name, backend):
+    cases, fn, ref = OPS[name]
 
     @fuzz(EXAMPLES[backend])
     @given(case=cases(small=backend == "triton"))
@@ -201,25 +184,17 @@ def _agreement_test(name, backend):
         args, (q, k, v) = case
         if name == "moba":
             assume(moba_selection_is_stable(args, q, k))
-        _assert_matches(op(args, q, k, v), ref(args, q, k, v), q)
+        _assert_matches(fn(q, k, v, backend=backend, **args), ref(args, q, k, v), q)
 
     check()
-
-
-@pytest.mark.parametrize("name,backend", CASES)
-def test_op_agrees_with_the_dense_reference(name, backend):
-    _agreement_test(name, backend)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_linear_attention_agrees_with_the_reference(backend):
     @fuzz(EXAMPLES[backend])
-    @given(qkv=tensors(1), sq=st.integers(1, 40), sk=st.integers(1, 40), eps=st.floats(1e-6, 1.0))
-    def check(qkv, sq, sk, eps):
-        q, k, v = qkv
-        q = q.repeat(1, sq, 1, 1)[:, :sq] + torch.linspace(-1, 1, sq)[None, :, None, None].to(q.dtype)
-        k = k.repeat(1, sk, 1, 1) * torch.linspace(-1, 1, sk)[None, :, None, None].to(k.dtype)
-        v = v.repeat(1, sk, 1, 1) + torch.linspace(0, 1, sk)[None, :, None, None].to(v.dtype)
+    @given(data=st.data(), sq=st.integers(1, 40), sk=st.integers(1, 40), eps=st.floats(1e-6, 1.0))
+    def check(data, sq, sk, eps):
+        q, k, v = data.draw(tensors(sq, sk), label="qkv")
         out = ops.linear_attention(q, k, v, eps=eps, backend=backend)
         _assert_matches(out, linear_attention_reference(q, k, v, eps), q)
 
@@ -233,8 +208,7 @@ def test_linear_attention_agrees_with_the_reference(backend):
 
 @pytest.mark.parametrize("name,backend", CASES)
 def test_non_finite_keys_and_values_stay_inside_the_pattern(name, backend):
-    cases, make = OPS[name]
-    op, ref = make(backend)
+    cases, fn, ref = OPS[name]
 
     @fuzz(NONFINITE_EXAMPLES[backend])
     @given(case=cases(small=backend == "triton"), bad=st.sampled_from([float("nan"), float("inf"), float("-inf")]),
@@ -246,7 +220,7 @@ def test_non_finite_keys_and_values_stay_inside_the_pattern(name, backend):
             t.view(-1)[at % t.numel()] = bad
         if name == "moba":
             assume(moba_selection_is_stable(args, q, k))
-        out, want = op(args, q, k, v), ref(args, q, k, v)
+        out, want = fn(q, k, v, backend=backend, **args), ref(args, q, k, v)
         finite = torch.isfinite(want)
         # outside the pattern of any bad input: exactly the reference (finite); inside: the bad input arrives
         tol = TOL[q.dtype]
@@ -275,13 +249,10 @@ ALWAYS_BAD_REAL = st.one_of(st.floats(max_value=-1e-6), st.just(float("nan")), s
                             st.booleans().map(lambda b: (b, 3)), st.just(object()))
 REAL_ARGS = ("scale", "radius", "threshold")
 
-OP_ARGS = {
-    "neighborhood": (neighborhood_cases, ops.neighborhood_attention,
-                     ["grid", "kernel_size", "dilation", "stride", "text_len", "text_first", "scale", "backend"]),
-    "local": (local_cases, ops.local_attention,
-              ["grid", "radius", "down_factor", "pool_weight", "text_len", "text_first", "scale", "backend"]),
-    "moba": (moba_cases, ops.moba_attention,
-             ["grid", "block", "topk", "threshold", "selection", "text_len", "text_first", "scale", "backend"]),
+OP_ARGS = {  # the arguments of each op besides q, k, v
+    "neighborhood": ["grid", "kernel_size", "dilation", "stride", "text_len", "text_first", "scale", "backend"],
+    "local": ["grid", "radius", "down_factor", "pool_weight", "text_len", "text_first", "scale", "backend"],
+    "moba": ["grid", "block", "topk", "threshold", "selection", "text_len", "text_first", "scale", "backend"],
 }
 
 
@@ -293,7 +264,8 @@ def _call(fn, args, q, k, v):
 
 @pytest.mark.parametrize("name", list(OP_ARGS))
 def test_any_argument_works_or_is_a_value_error(name):
-    cases, fn, names = OP_ARGS[name]
+    cases, fn, _ = OPS[name]
+    names = OP_ARGS[name]
 
     @fuzz(60)
     @given(case=cases(), arg=st.sampled_from(names + ["q", "k", "v"]), junk=JUNK, data=st.data())

@@ -162,12 +162,12 @@ def _reference(name, q, k, v, grid):
 
 
 @pytest.mark.parametrize("name,backend", list(_cases()))
-@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("which", ["k", "v"])  # (non-finite queries: tests/test_fuzz.py)
 def test_a_nan_reaches_only_the_queries_that_see_it(name, backend, which):
     # 6 x 6: partial Triton tiles; 5 x 6 with 2 x 2 MoBA blocks: token 26 sits in a partial border block
     grid, at = ((6, 6), 0) if name != "moba" else ((5, 6), 26)
     q, k, v = _qkv(math.prod(grid))
-    {"q": q, "k": k, "v": v}[which][0, at, 1, 2] = float("nan")
+    {"k": k, "v": v}[which][0, at, 1, 2] = float("nan")
     out, ref = OPS[name](q, k, v, grid, backend), _reference(name, q, k, v, grid)
     nan = torch.isnan(ref)
     assert 0 < int(nan[0, :, 1].any(-1).sum()) < math.prod(grid)  # some queries see it, not all

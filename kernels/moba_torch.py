@@ -157,7 +157,7 @@ def moba_torch(q, k, v, grid, block, topk, threshold, selection, text_len, text_
     # non-finite inputs: select with them (the gate contains them), attend to cleaned copies, and mark as
     # NaN the outputs whose selected blocks (or the text) hold a bad key / value, and bad queries' rows
     q_in, marks = q, None
-    if not all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
+    if not torch.compiler.is_compiling() and not all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
         marks = nonfinite_marks(k, v)
     q_sel, k_sel = q[:, img], k[:, img]
     if marks is not None:

@@ -10,7 +10,9 @@ and values ``1`` where ``v`` is not finite or the key is not, ``0`` elsewhere.  
 is NaN iff query ``i`` sees a key whose key is not finite or whose value ``d`` is not (the
 reference's rule, ``reference.masked_attention_reference``); everything else is exactly what the
 backend computes on finite inputs.  A non-finite query is cleaned too and gives a NaN row
-(:func:`nan_rows`).  Finite inputs cost one ``isfinite`` pass over ``q``/``k``/``v``.
+(:func:`nan_rows`).  Finite inputs cost one ``isfinite`` pass over ``q``/``k``/``v`` and a host
+synchronisation; under ``torch.compile`` the check (data-dependent control flow) is skipped, so a
+compiled graph stays whole and runs the backend as it is.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def contain_nonfinite(attend, q, k, v, kx=None, vx=None):
     """``attend(q, k, v, kx, vx)`` (any backend of one fixed pattern; ``kx``/``vx``: extra keys such as
     pooled tokens, or None) with non-finite keys / values reaching only the queries that see them, and
     non-finite queries giving NaN rows."""
-    if _finite((q, k, v, kx, vx)):
+    if torch.compiler.is_compiling() or _finite((q, k, v, kx, vx)):
         return attend(q, k, v, kx, vx)
     out = attend(clean(q), clean(k), clean(v), clean(kx), clean(vx))
     with torch.no_grad():

@@ -20,15 +20,10 @@ import math
 
 import torch
 
+from .patterns import max_sq_dist
 from .reference import join_text_mask, masked_attention_reference
 
 __all__ = ["max_sq_dist", "pooled_grid", "circle_mask", "local_mask", "pool_reference", "local_reference"]
-
-
-def max_sq_dist(radius):
-    """The largest integer squared distance strictly below ``radius**2`` (computed in float64):
-    an integer offset is visible iff ``dy**2 + dx**2 <= max_sq_dist(radius)``."""
-    return math.ceil(float(radius) * float(radius)) - 1
 
 
 def pooled_grid(grid, down_factor):

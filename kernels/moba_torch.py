@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .moba_ref import block_partition, image_slices, select_blocks
+from .moba_select import block_partition, image_slices, select_blocks
 from .workspace import clear_workspace, scratch  # noqa: F401  (clear_workspace: public here too)
 
 # elements of the largest intermediate (attention scores of one chunk of heads)

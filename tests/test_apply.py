@@ -131,8 +131,12 @@ def test_user_tracker_is_kept_by_remove():
     tracker = diffaccel.track_layout(model)
     diffaccel.apply(model, "neighborhood", kernel_size=3, backend="torch")
     assert get_tracker(model) is tracker
+    seen = []
+    handle = model.down_blocks[0].register_forward_pre_hook(
+        lambda m, a: seen.append(diffaccel.context.current_context().layout.grids))
     run(model, unet_inputs(model, 9, 13))
-    assert tracker.layout.grids == ((9, 13), (5, 7))
+    handle.remove()
+    assert seen == [((9, 13), (5, 7))]
     diffaccel.remove(model)
     assert get_tracker(model) is tracker
     untrack_layout(model)

@@ -41,7 +41,6 @@ Subclasses override :meth:`PatternProcessor.attend` to change how the core is ca
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import threading
@@ -381,14 +380,15 @@ class StockProcessor(PatternProcessor):
 # ---------------------------------------------------------------------------------------------
 # lookup and installation
 
-# the processor classes of the families diffaccel first shipped, importable from here as before
-_COMPAT = {"UNetProcessor": "unet", "FluxProcessor": "flux", "SD3Processor": "sd3", "WanProcessor": "wan",
-           "HunyuanVideoProcessor": "hunyuan_video", "CogVideoXProcessor": "cogvideox"}
-
-
 def __getattr__(name):
-    if name in _COMPAT:
-        return getattr(importlib.import_module(f"diffaccel.families.{_COMPAT[name]}"), name)
+    """The family modules' processor classes, importable from here as before (``processors.FluxProcessor``)."""
+    if name.endswith("Processor") and not name.startswith("_"):
+        from .families import FAMILIES, get_family
+
+        for family in FAMILIES:
+            for cls in get_family(family).processors.values():
+                if cls.__name__ == name:
+                    return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -211,11 +211,14 @@ def clear_processor_class(processor_cls):
     return cls
 
 
-def __getattr__(name):  # ClearFluxProcessor, ClearSD3Processor (the classes of the first two families)
-    for family in ("flux", "sd3"):
-        proc = next(iter(get_family(family).processors.values()))
-        if name == f"Clear{proc.__name__}":
-            return clear_processor_class(proc)
+def __getattr__(name):  # ClearFluxProcessor, ClearSD3Processor, ...: CLEAR on a family's processor class
+    if name.startswith("Clear") and name.endswith("Processor"):
+        from .. import processors
+
+        try:
+            return clear_processor_class(getattr(processors, name[len("Clear"):]))
+        except AttributeError:
+            pass
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

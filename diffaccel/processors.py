@@ -309,6 +309,24 @@ class StockProcessor(PatternProcessor):
                 setattr(stock, attr, getattr(like, attr))
         self._stock = stock
 
+    # diffusers' set_attention_backend / context parallelism set these on the processor: they reach the wrapped
+    # stock processor (its calls diffaccel leaves alone use them; patched calls reject context parallelism)
+    @property
+    def _attention_backend(self):
+        return self._stock._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, value):
+        self._stock._attention_backend = value
+
+    @property
+    def _parallel_config(self):
+        return self._stock._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, value):
+        self._stock._parallel_config = value
+
     def stock_fallback(self, attn, args, kwargs):
         """A callable running the whole call unchanged, or ``None`` to run it with the core."""
         name = self.cross_attention_arg

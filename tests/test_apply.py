@@ -120,8 +120,11 @@ def test_failing_install_changes_nothing():
     register_method(Method(name="_test_failing", options_cls=NeighborhoodOptions, install=install, families=("unet",)))
     model = tiny_unet()
     before = model.attn_processors
-    with pytest.raises(RuntimeError, match="boom"):
-        diffaccel.apply(model, "_test_failing", kernel_size=3)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            diffaccel.apply(model, "_test_failing", kernel_size=3)
+    finally:
+        diffaccel.registry._METHODS.pop("_test_failing")
     assert all(before[k] is v for k, v in model.attn_processors.items())
     assert applied_method(model) is None and get_tracker(model) is None
 
@@ -274,6 +277,7 @@ def test_every_list_derives_from_the_registry():
                      if a.dest == "op")
     assert sorted(op_action.choices) == sorted(ops_)
     for m in registry.methods():  # default settings are valid options of the method
+        assert m.default_settings is not None, m.name
         for grid in ((16, 16), (4, 8, 8)):
             for options in m.default_settings(grid):
                 registry.build_options(m, options)

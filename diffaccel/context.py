@@ -40,11 +40,17 @@ _TRACKER_ATTR = "_diffaccel_tracker"
 _local = threading.local()
 
 
-def _stack() -> list:
-    stack = getattr(_local, "stack", None)
+def thread_stack(name: str = "calls") -> list:
+    """A list private to the running thread (``"calls"``: the contexts of the tracked calls running in it)."""
+    stack = getattr(_local, name, None)
     if stack is None:
-        stack = _local.stack = []
+        stack = []
+        setattr(_local, name, stack)
     return stack
+
+
+def _stack() -> list:
+    return thread_stack()
 
 
 def current_context() -> "CallContext | None":

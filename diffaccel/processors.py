@@ -43,13 +43,12 @@ from __future__ import annotations
 
 import inspect
 import math
-import threading
 import types
 
 import torch
 
 from ._validate import normalize_grid
-from .context import current_context, require_layout
+from .context import current_context, require_layout, thread_stack
 from .layout import Layout, LayoutError, Match, Split, key_padding
 
 __all__ = ["PatternProcessor", "StockProcessor", "make_processor", "swap_processors", "no_mask", "qkv_heads_first"]
@@ -235,14 +234,9 @@ def qkv_heads_first(attn, hidden_states):
 # ---------------------------------------------------------------------------------------------
 # wrappers over diffusers' stock processors
 
-_active = threading.local()
-
-
 def _active_stack() -> list:
-    stack = getattr(_active, "stack", None)
-    if stack is None:
-        stack = _active.stack = []
-    return stack
+    """The wrapped stock processors running in this thread (innermost last)."""
+    return thread_stack("processors")
 
 
 def _stock_dispatch():

@@ -163,6 +163,9 @@ def _mask_error(why, n_k):
     )
 
 
+_FULL_CHECK = 1 << 24  # query x key masks up to this size are checked element by element
+
+
 def key_padding(attn_mask, batch: int, n_q: int, n_k: int, match: Match,
                 nonzero_float_mask: bool = False) -> Padding | None:
     """The :class:`Padding` of the global tokens of one call from the stock processor's ``attn_mask``
@@ -202,9 +205,10 @@ def key_padding(attn_mask, batch: int, n_q: int, n_k: int, match: Match,
             valid_q = keep[:, 0].diagonal(dim1=-2, dim2=-1)
             if not torch.equal(valid_q, row):
                 raise _mask_error("hides keys from some queries and not others", n_k)
-        expect = row[:, None, :] & (valid_q[:, :, None] if valid_q is not None else True)
-        if not torch.equal(keep[:, 0], expect.expand_as(keep[:, 0])):
-            raise _mask_error("is not a padding mask (its rows differ beyond the padded tokens)", n_k)
+        if n_q * n_k <= _FULL_CHECK:  # beyond, the diagonal and the grid's row are checked (no second S x S mask)
+            expect = row[:, None, :] & (valid_q[:, :, None] if valid_q is not None else True)
+            if not torch.equal(keep[:, 0], expect.expand_as(keep[:, 0])):
+                raise _mask_error("is not a padding mask (its rows differ beyond the padded tokens)", n_k)
         keep_k = row
     else:
         keep_k = keep[:, 0, 0]

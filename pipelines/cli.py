@@ -18,14 +18,14 @@ import torch
 
 import diffaccel
 from diffaccel.cli import DTYPES
+from diffaccel.registry import available_methods
 
 from . import load_pipeline
 from .media import check_output, save_media
 from .small import evaluate, resolve_small
 from .small import train as train_small
 
-
-GENERATE_METHODS = ("dense", "neighborhood", "clear", "linfusion", "moba")
+GENERATE_METHODS = ("dense", *available_methods())  # every registered method; "dense" = full attention
 
 
 def _peak_memory(device) -> str:
@@ -399,9 +399,9 @@ def register(sub):
                    help="small model name (small-flux, small-unet, small-wan), diffusers Hub id or folder "
                         "(default small-flux)")
     g.add_argument("--method", default="dense",
-                   help="dense, neighborhood, clear, linfusion or moba (with --highres on Wan also freeswim), "
-                        "optionally with options 'method:key=value,...' (e.g. 'neighborhood:kernel_size=9'); small "
-                        "models get a default setting when none is given")
+                   help=f"{', '.join(GENERATE_METHODS)} (with --highres on Wan also freeswim), optionally with "
+                        "options 'method:key=value,...' (e.g. 'neighborhood:kernel_size=9'); small models get a "
+                        "default setting when none is given")
     g.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option (Python literal value), repeatable: -o kernel_size=(9,9)")
     g.add_argument("--prompt", default="a red circle and a blue square on a yellow background")

@@ -176,7 +176,7 @@ class FreeSwim:
         if self._undo is not None:
             raise ValueError("FreeSwim is already active on this pipeline")
         from diffaccel.api import applied_method
-        from diffaccel.layout import get_tracker, track_layout, untrack_layout
+        from diffaccel.context import get_tracker, track_layout, untrack_layout
         from diffaccel.processors import make_processor, swap_processors
 
         model = self.model

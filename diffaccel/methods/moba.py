@@ -31,6 +31,8 @@ Options (``MobaOptions``):
   layers; negative from the end) and/or fnmatch patterns on the layer names
   (e.g. ``"blocks.0.attn1"``).  They keep their place in the partition cycle.
 * ``backend``: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA, else torch).
+* ``weights``: projections trained by ``diffaccel distill`` (``projections.safetensors``, a folder holding it,
+  a Hub repo id or a state dict; see ``diffaccel.projections``), or ``None``.
 
 Families: ``wan``, ``hunyuan_video``, ``cogvideox`` (3-axis ``(T, H, W)`` grids; for CogVideoX 1.5
 ``T`` counts groups of ``patch_size_t`` latent frames), ``flux``, ``sd3``, ``unet`` (2-axis grids).
@@ -45,6 +47,7 @@ import torch
 
 from .. import ops
 from ..processors import make_processor, swap_processors
+from ..projections import check_weights_option, install_with_weights
 from ..registry import Method, register_method
 
 __all__ = ["MobaOptions", "MobaCore", "StepCounter", "install", "reset_steps"]
@@ -77,6 +80,7 @@ class MobaOptions:
     dense_steps: int = 0
     dense_layers: int | str | list | tuple = ()
     backend: str | None = None
+    weights: object = None
     _counter: "StepCounter | None" = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -106,6 +110,7 @@ class MobaOptions:
         self.dense_layers = tuple(dl)
         if self.backend not in (None, "triton", "torch"):
             raise ValueError(f"backend must be 'triton', 'torch' or None, got {self.backend!r}")
+        check_weights_option(self.weights)
 
     def blocks(self):
         return [self.block] if self.block is not None else list(self.partitions)
@@ -223,7 +228,7 @@ def install(model, family, options: MobaOptions, layers):
         name: make_processor(family, MobaCore(blocks[i % len(blocks)], options, dense=i in dense, counter=counter))
         for i, name in enumerate(names)
     }
-    undo_swap = swap_processors(model, processors)
+    undo_swap = install_with_weights(model, layers, options.weights, "moba", lambda: swap_processors(model, processors))
     handle = _timestep_hook(model, counter) if counter is not None else None
 
     def undo():

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .. import ops
 from .._validate import BACKENDS
 from ..processors import make_processor, swap_processors
+from ..projections import check_weights_option, install_with_weights
 from ..registry import Method, register_method
 
 _GRID_NDIM = {"unet": 2, "flux": 2, "sd3": 2, "wan": 3, "hunyuan_video": 3, "cogvideox": 3}
@@ -45,12 +46,15 @@ class NeighborhoodOptions:
     dilation, stride: the same forms; ``stride == kernel_size`` gives blocked
         (Swin-style) windows.
     backend: ``"triton"``, ``"flex"``, ``"torch"`` or ``None`` (best for the device).
+    weights: projections trained by ``diffaccel distill`` (a ``projections.safetensors`` file, a folder
+        holding one, a Hub repo id or a state dict; see ``diffaccel.projections``), or ``None``.
     """
 
     kernel_size: int | tuple | None = None
     dilation: int | tuple = 1
     stride: int | tuple = 1
     backend: str | None = None
+    weights: object = None
 
     def __post_init__(self):
         if self.kernel_size is None:
@@ -60,6 +64,7 @@ class NeighborhoodOptions:
         self.stride = _check_axes("stride", self.stride)
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {self.backend!r}")
+        check_weights_option(self.weights)
         for name in ("dilation", "stride"):
             value = getattr(self, name)
             if isinstance(value, tuple) and isinstance(self.kernel_size, tuple) and len(value) != len(self.kernel_size):
@@ -93,7 +98,8 @@ def install(model, family, options, layers):
     """Install neighborhood processors on ``layers`` (``[(name, attention module)]``); returns undo."""
     core = functools.partial(ops.neighborhood_attention, **core_kwargs(options, family))
     processors = {name: make_processor(family, core) for name, _ in layers}
-    return swap_processors(model, processors)
+    return install_with_weights(model, layers, options.weights, "neighborhood",
+                                lambda: swap_processors(model, processors))
 
 
 register_method(

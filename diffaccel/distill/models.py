@@ -64,7 +64,7 @@ def load_model(name_or_path, *, device="cpu", dtype=None, allow_download=False):
         if not is_hub_repo_id(name):
             raise ValueError(f"model (--model) {name!r} is neither a shipped model {model_names()}, nor a folder, "
                              "nor a Hub id ('owner/name')")
-    kwargs = {} if dtype is None else {"torch_dtype": dtype}
+    kwargs = {} if dtype is None else {"dtype": dtype}
     try:
         pipe = DiffusionPipeline.from_pretrained(name, local_files_only=not allow_download, **kwargs)
     except (OSError, ValueError, TypeError, AttributeError) as e:

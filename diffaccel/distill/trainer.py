@@ -16,9 +16,10 @@ Output folder (``--output``), claimed for this run before anything is written (`
     <output>/logs/                      TensorBoard (accelerate's tracker)
 
 Checkpoints (single process and DDP) hold the trained parameters, the optimiser state, the EMA and the step as
-safetensors + JSON (``save_tree``): nothing is pickled.  Under DeepSpeed the engine's own sharded state is saved
-with ``accelerator.save_state`` and read back with ``load_state(load_kwargs={"weights_only": True})`` beside the
-same JSON state.  A resumed run is bit-identical to an uninterrupted one on the same machine: the batches are a
+safetensors + JSON (``save_tree``): nothing is pickled.  Under DeepSpeed ZeRO-2 the engine's sharded optimiser
+state is saved with ``accelerator.save_state`` (DeepSpeed's own files) beside the same safetensors + JSON state,
+and read back with ``load_state(load_kwargs={"weights_only": True})``.  FSDP and ZeRO-3 are refused: they
+shard the frozen weights the teacher shares with the student.  A resumed run is bit-identical to an uninterrupted one on the same machine: the batches are a
 function of (seed, batch number) and the noise of each micro-batch a function of (seed, step, micro-batch,
 process).
 
@@ -205,10 +206,17 @@ def run(args) -> dict:
     )
     main = accelerator.is_main_process
     log = (lambda m: accelerator.print(m, flush=True))
-    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    sharded = accelerator.distributed_type == DistributedType.DEEPSPEED
     if accelerator.distributed_type == DistributedType.FSDP:
-        raise ValueError("FSDP is not supported by diffaccel distill: it trains a small part of the denoiser, "
-                         "which DDP or DeepSpeed ZeRO-2 (configs/accelerate/) shard better")
+        raise ValueError("accelerate config: FSDP is not supported by diffaccel distill (the teacher shares the "
+                         "student's frozen weights, which FSDP would shard); use DDP or DeepSpeed ZeRO-2, which "
+                         "shards the optimiser state of the trained modules (configs/accelerate/)")
+    if sharded:  # our DataLoader has a batch sampler, so DeepSpeed cannot read the micro-batch size from it
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = args.batch_size
+        if ds_config.get("zero_optimization", {}).get("stage", 0) > 2:
+            raise ValueError("accelerate config: DeepSpeed ZeRO-3 shards the frozen weights the teacher shares; "
+                             "use ZeRO stage 2 (configs/accelerate/deepspeed_zero2.yaml)")
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
     set_seed(args.seed)
 
@@ -277,6 +285,7 @@ def run(args) -> dict:
         val_cond = adapter.encode_prompts(validation_prompts) if validation_prompts and args.validate_every else None
 
     # ---------------------------------------------------------------------------------- student, optimiser
+    set_seed(args.seed)  # the student's initialisation does not depend on whether the data was just generated
     student = Student(adapter.denoiser, args.method, options, layers)
     adapter.dtype = weight_dtype
     for p in student.trained.values():  # trained parameters in fp32 (frozen ones stay in weight_dtype)

@@ -1,0 +1,74 @@
+"""Tiny real diffusers pipelines built from config dicts (no hub access): a ``FluxPipeline`` (tiny CLIP + T5 text
+encoders, a one-block VAE) and a ``StableDiffusionPipeline`` (tiny CLIP, a two-block VAE), in the spirit of
+diffusers' own ``get_dummy_components``.  Tokenizers are word-level ``PreTrainedTokenizerFast`` (the small
+models' :func:`build_tokenizer`), so nothing is downloaded.  Fixed seeds: two calls give identical weights."""
+from __future__ import annotations
+
+import torch
+
+WORDS = ("a", "an", "the", "red", "blue", "green", "cat", "dog", "house", "tree", "on", "in", "at", "night", "sky")
+
+
+def _tokenizer(max_length):
+    from diffaccel.pipelines.small import build_tokenizer
+
+    return build_tokenizer(WORDS, max_length=max_length)
+
+
+def _clip(tokenizer, hidden=32, seed=0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, projection_dim=hidden,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    return CLIPTextModel(cfg).eval()
+
+
+def tiny_flux_pipeline(seed=0):
+    """``FluxPipeline`` with a 1+1-block transformer (4 latent channels = 1 VAE channel packed 2x2), CLIP-like and
+    T5 text encoders of width 32 and a one-block VAE (scale factor 1): 16x16 pixels = 8x8 tokens."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tok = _tokenizer(8)
+    tok2 = _tokenizer(12)
+    clip = _clip(tok, seed=seed)
+    torch.manual_seed(seed + 1)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, pad_token_id=tok2.pad_token_id,
+                                 eos_token_id=tok2.eos_token_id, decoder_start_token_id=0)).eval()
+    torch.manual_seed(seed + 2)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 6, 6]).eval()
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKL(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035).eval()
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=tok,
+                        text_encoder_2=t5, tokenizer_2=tok2, transformer=transformer)
+
+
+def tiny_sd_pipeline(seed=0):
+    """``StableDiffusionPipeline``: a two-level UNet with cross-attention (width 16/32), a tiny CLIP text encoder
+    and a two-block VAE (scale factor 2): 16x16 pixels = 8x8 latents."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    tok = _tokenizer(10)
+    clip = _clip(tok, seed=seed)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4,
+                        norm_num_groups=4, layers_per_block=1, sample_size=16).eval()
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=clip, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -402,14 +402,29 @@ def default_settings(pipe) -> list[Setting]:
     if fam == "flux":
         s += [Setting("clear", dict(radius=8)), Setting("clear", dict(radius=4, down_factor=4))]
     if fam == "unet":
-        # LinFusion as initialised from the model (no training), and distilled (when shipped)
-        s += [Setting("linfusion", dict())]
-        from .small import MODELS_DIR
-
-        if os.path.isfile(os.path.join(MODELS_DIR, "small-unet-linfusion", "config.json")):
-            s += [Setting("linfusion", dict(weights="small-unet-linfusion"))]
+        s += [Setting("linfusion", dict())]  # LinFusion as initialised from the model (no training)
     s += [Setting("moba", dict(block=(8, 8), topk=2)), Setting("moba", dict(block=(4, 4), topk=4))]
-    return s
+    return s + distilled_settings(pipe)
+
+
+def distilled_settings(pipe) -> list[Setting]:
+    """The shipped students of ``pipe``'s model (folders of ``pipelines/models`` whose ``training.json`` records a
+    ``diffaccel distill`` run on it): each its method and options with ``weights=<folder>``, so eval reports it
+    next to the same setting undistilled."""
+    from .small import MODELS_DIR
+
+    model = os.path.basename(os.path.normpath(str(pipe.config.get("_name_or_path", ""))))
+    out = []
+    for name in sorted(os.listdir(MODELS_DIR)):
+        try:
+            with open(os.path.join(MODELS_DIR, name, "training.json")) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict) and info.get("kind") == "distill" and info.get("model") == model:
+            options = {k: tuple(v) if isinstance(v, list) else v for k, v in (info.get("options") or {}).items()}
+            out.append(Setting(info["method"], {**options, "weights": name}))
+    return out
 
 
 # ----------------------------------------------------------------------------- evaluation

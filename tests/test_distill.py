@@ -371,6 +371,12 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, sd_dir):
     refused(["--method", "clear", "--model", "small-flux", "-o", "radius=2", "--max-steps", "0", *base],
             r"--max-steps")
 
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("mine")
+    refused(["--method", "clear", "--model", "small-flux", "-o", "radius=2", "--export", str(notes), *base], r"--export")
+    assert os.listdir(notes) == ["a.txt"]
+
     # an output folder holding something else, or another run, without --resume
     out.mkdir()
     (out / "notes.txt").write_text("mine")

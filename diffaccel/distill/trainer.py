@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from ..io import CheckpointDir, RUN_MARKER, atomic_write_json, claim_folder, load_tree, read_marker, save_tree
+from ..io import CheckpointDir, atomic_write_json, claim_folder, load_tree, read_marker, save_tree
 from . import data as data_mod
 from .adapters import adapter_for, pil_images
 from .losses import feature_loss, resolve_weights
@@ -188,6 +188,13 @@ def run(args) -> dict:
     identity = _jsonable({"method": args.method, "model": args.model, "options": options, "layers": layers})
     output = os.path.abspath(args.output)
     _, ckdir = _check_output(args, identity)
+    if args.export:
+        from ..io import check_separate_folders, owned_folder
+
+        check_separate_folders(output=output, export=os.path.abspath(args.export))
+        if not owned_folder(args.export, is_distill_export):
+            raise ValueError(f"export (--export) {os.path.abspath(args.export)!r} is not empty and holds no earlier "
+                             "export (training.json); it is never replaced: pass a new or empty folder")
     resume_from = _resume_path(args, ckdir, identity)
     weights = resolve_weights(args.method, args.preset, args.loss_target, args.loss_output, args.loss_feature)
     prompts = data_mod.read_prompts(args.prompts) if args.prompts else None
@@ -583,4 +590,4 @@ def _export(folder, files, info):
             fh.write("\n")
 
 
-__all__ += ["lr_factor", "is_distill_export", "RUN_MARKER"]
+__all__ += ["lr_factor", "is_distill_export"]

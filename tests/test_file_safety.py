@@ -148,7 +148,7 @@ _ARGS = ["--max-steps", "1", "--batch-size", "2", "--save-every", "0", "--sample
 
 
 def _train(out, work, *extra, steps=1):
-    from diffaccel.pipelines.train_small import train_small
+    from diffaccel.pipelines.small.train import train_small
 
     return train_small("flux", str(out), str(work), max_steps=steps, batch_size=2, save_every=0, sample_every=0,
                        save_dtype="fp32", **dict(extra))

@@ -1,10 +1,10 @@
 """Train the small pipelines of :mod:`diffaccel.pipelines.small` with flow matching on the shapes dataset.
 
-    diffaccel train-small flux --minutes 60 --output pipelines/models/small-flux --work-dir runs/small-flux
+    diffaccel train-small flux --minutes 60 --output pipelines/small/models/small-flux --work-dir runs/small-flux
 
 Training (rectified flow, as SD3 / FLUX):
 
-* data: :class:`~diffaccel.pipelines.shapes.ShapesDataset` (video:
+* data: :class:`~diffaccel.pipelines.small.shapes.ShapesDataset` (video:
   ``ShapesVideoDataset``, and ``ShapesDataset`` frames on the image steps of
   ``--image-fraction``) with ``--data-seed``; step ``i`` uses samples
   ``i * batch ... (i + 1) * batch - 1`` (deterministic order, never repeated
@@ -45,7 +45,7 @@ from diffaccel.io import (CheckpointDir, check_separate_folders, claim_folder, l
                           save_tree)
 
 from .shapes import ShapesDataset, ShapesVideoDataset, still_caption
-from .small import _CLASSES, DEFAULT_CONFIGS, build_pipeline, is_patch_size, load_small, repatch_wan, resolve_small
+from .pipeline import _CLASSES, DEFAULT_CONFIGS, build_pipeline, is_patch_size, load_small, repatch_wan, resolve_small
 
 __all__ = ["train_small", "collate", "shape_loss_weights", "sample_sigmas", "noisy_batch", "lr_at", "is_image_step",
            "teacher_targets", "run_from_args", "SAVE_DTYPES", "MIXED_PRECISIONS"]
@@ -561,7 +561,7 @@ def train_small(
 
 
 def run_from_args(args):
-    from .small import MODELS_DIR
+    from .pipeline import MODELS_DIR
 
     name = {"classifier": "shape-classifier"}.get(args.kind, f"small-{args.kind}")
     output = args.output or os.path.join(MODELS_DIR, name)
@@ -591,7 +591,7 @@ def run_from_args(args):
 
 
 def main(argv=None):
-    """``python -m diffaccel.pipelines.train_small ...`` = ``diffaccel train-small ...``."""
+    """``python -m diffaccel.pipelines.small.train ...`` = ``diffaccel train-small ...``."""
     from diffaccel.cli import main as cli_main
 
     argv = sys.argv[1:] if argv is None else list(argv)

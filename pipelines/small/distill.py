@@ -12,7 +12,7 @@ import torch
 from diffaccel.distill.adapters import FlowAdapter, pil_images
 
 from .shapes import caption_for, sample_spec
-from .small import SMALL_MODELS, _SmallPipeline, load_small, resolve_small
+from .pipeline import SMALL_MODELS, _SmallPipeline, load_small, resolve_small
 
 __all__ = ["SmallAdapter", "PLUGIN", "default_prompts"]
 

@@ -12,7 +12,7 @@ and each method setting, the same prompts, seeds and initial noise as full
   channel on the valid region (no padding), averaged over the map, the channels
   (and frames), then over samples.
 * **classifier accuracy** of a small CNN (:class:`ShapeClassifier`, trained on the
-  shapes dataset, shipped in ``pipelines/models/shape-classifier``) on the samples,
+  shapes dataset, shipped in ``pipelines/small/models/shape-classifier``) on the samples,
   area-downsampled to the classifier's 32x32 input (videos: every frame): *shape*,
   *colour*, *pair* (shape and colour together) and *background* accuracy against the
   prompt.  The dense rows give the reference accuracy (chance: shape 1/4, colour
@@ -122,7 +122,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
 
 class ShapeClassifier(ModelMixin, ConfigMixin):
     """A tiny CNN on 32x32 RGB images in [0, 1] with multi-label heads for the (shape, colour) pairs present
-    (:func:`~diffaccel.pipelines.shapes.pair_index`), the shapes present and the colours present, and a softmax
+    (:func:`~diffaccel.pipelines.small.shapes.pair_index`), the shapes present and the colours present, and a softmax
     head for the background colour.  A pair's score is the sum of the log-sigmoids of its pair, shape and colour
     logits."""
 
@@ -176,7 +176,7 @@ def _resize_for_classifier(images):
 
 def load_classifier(name_or_path: str = "shape-classifier", device="cpu") -> ShapeClassifier:
     """The shipped classifier (``"shape-classifier"``) or one saved in a folder."""
-    from .small import MODELS_DIR
+    from .pipeline import MODELS_DIR
 
     folder = name_or_path if os.path.isdir(name_or_path) else os.path.join(MODELS_DIR, name_or_path)
     if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -214,7 +214,7 @@ def train_classifier(output: str, work_dir: str, minutes: float = 60.0, max_step
     save it to ``output`` (``save_pretrained``) with ``training.json`` holding the validation accuracy."""
     from diffaccel.io import replace_folder
 
-    from .train_small import check_output_folders, claim_work_dir, is_training_export
+    from .train import check_output_folders, claim_work_dir, is_training_export
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -363,9 +363,9 @@ def parse_setting(text: str, extra: list[str] | None = None) -> Setting:
 
 
 def resolve_options(options: dict) -> dict:
-    """``options`` with string values naming a shipped folder of ``pipelines/models`` (e.g.
+    """``options`` with string values naming a shipped folder of ``pipelines/small/models`` (e.g.
     ``weights="small-unet-linfusion"``) replaced by its path (a path that exists as given is kept)."""
-    from .small import MODELS_DIR
+    from .pipeline import MODELS_DIR
 
     out = {}
     for k, v in options.items():
@@ -408,10 +408,10 @@ def default_settings(pipe) -> list[Setting]:
 
 
 def distilled_settings(pipe) -> list[Setting]:
-    """The shipped students of ``pipe``'s model (folders of ``pipelines/models`` whose ``training.json`` records a
-    ``diffaccel distill`` run on it): each its method and options with ``weights=<folder>``, so eval reports it
-    next to the same setting undistilled."""
-    from .small import MODELS_DIR
+    """The shipped students of ``pipe``'s model (folders of ``pipelines/small/models`` whose ``training.json``
+    records a ``diffaccel distill`` run on it): each its method and options with ``weights=<folder>``, so eval
+    reports it next to the same setting undistilled."""
+    from .pipeline import MODELS_DIR
 
     model = os.path.basename(os.path.normpath(str(pipe.config.get("_name_or_path", ""))))
     out = []
@@ -488,7 +488,7 @@ def evaluate(models=("small-flux",), settings=None, scales=(1, 2, 4), video_scal
     import diffaccel
     from diffaccel.registry import get_method
 
-    from .small import SMALL_MODELS, load_small, resolve_small
+    from .pipeline import SMALL_MODELS, load_small, resolve_small
 
     log = log or (lambda msg: print(msg, flush=True))
     clf = load_classifier(classifier, device) if classifier else None

@@ -21,7 +21,8 @@ from diffaccel.distill.student import Student
 from diffaccel.distill.trainer import run as distill_run
 
 from tiny_models import TINY
-from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
+from tiny_pipelines import (tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline,
+                            tiny_wan_pipeline)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = ["--report-to", "none", "--threads", "1"]
@@ -157,6 +158,31 @@ def test_a_few_dozen_steps_shrink_the_gap_to_the_teacher(which, method, options,
     before = _gap(pipe, method, options, None, out / "data")
     after = _gap(pipe, method, options, str(out), out / "data")
     assert after < 0.6 * before, (before, after)
+
+
+@pytest.mark.parametrize("build,method,options,size", [
+    (tiny_sd3_pipeline, "clear", ["-o", "radius=3", "-o", "down_factor=2"], ["--height", "16", "--width", "16"]),
+    (tiny_sdxl_pipeline, "linfusion", [], ["--height", "16", "--width", "16"]),
+    (tiny_wan_pipeline, "moba", ["-o", "block=(1,2,2)", "-o", "topk=1"],
+     ["--height", "32", "--width", "32", "--num-frames", "5"]),
+    (tiny_flux_pipeline, "neighborhood", ["-o", "kernel_size=3"], ["--height", "16", "--width", "16"]),
+])
+def test_every_family_distils_end_to_end(build, method, options, size, tmp_path):
+    """SD3, SDXL, Wan and FLUX pipelines loaded with from_pretrained: teacher samples, two training steps with all
+    three losses, and weights that `diffaccel.apply(pipe, method, weights=...)` loads."""
+    folder = tmp_path / "pipe"
+    build().save_pretrained(folder)
+    out = tmp_path / "run"
+    distill(["--method", method, "--model", str(folder), *options, "--output", str(out), *size, "--num-samples", "2",
+             "--generation-steps", "1", "--batch-size", "2", "--max-steps", "2", "--checkpoint-every", "0", *QUIET])
+    info = json.loads((out / "training.json").read_text())
+    assert info["steps"] == 2 and info["loss_weights"] == {"target": 1.0, "output": 0.5, "feature": 0.5}
+    opts = distill_cli.build_parser().parse_args(["--method", method, "--model", "x", "--output", "x", *options])
+    from diffaccel.distill.trainer import parse_options
+
+    pipe = _load(str(folder))
+    diffaccel.apply(pipe, method, **parse_options(opts.option), weights=str(out))
+    diffaccel.remove(pipe)
 
 
 def test_image_folder_and_datasets_recipes(sd_dir, tmp_path):

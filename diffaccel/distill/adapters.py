@@ -219,6 +219,17 @@ class FluxAdapter(FlowAdapter):
 # ------------------------------------------------------------------------------------------------- SD3
 
 
+def _generate_pooled(pipe, cond, uncond, generators, size, steps, guidance, output_type):
+    """A pipeline call with text states and pooled text, and the empty prompt's as negatives (SD3, SDXL)."""
+    b = cond["prompt_embeds"].shape[0]
+    out = pipe(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"],
+               negative_prompt_embeds=uncond["prompt_embeds"].expand(b, -1, -1),
+               negative_pooled_prompt_embeds=uncond["pooled_prompt_embeds"].expand(b, -1),
+               height=size["height"], width=size["width"], num_inference_steps=steps, guidance_scale=guidance,
+               generator=generators, output_type=output_type)
+    return out.images
+
+
 class SD3Adapter(FlowAdapter):
     """``StableDiffusion3Pipeline``: latents ``[B, 16, h, w]``, joint CLIP-L/G + T5 states and pooled text."""
 
@@ -242,13 +253,7 @@ class SD3Adapter(FlowAdapter):
         return {"prompt_embeds": npe, "pooled_prompt_embeds": npooled}
 
     def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
-        b = cond["prompt_embeds"].shape[0]
-        out = self.pipe(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"],
-                        negative_prompt_embeds=uncond["prompt_embeds"].expand(b, -1, -1),
-                        negative_pooled_prompt_embeds=uncond["pooled_prompt_embeds"].expand(b, -1),
-                        height=size["height"], width=size["width"], num_inference_steps=steps,
-                        guidance_scale=guidance, generator=generators, output_type=output_type)
-        return out.images
+        return _generate_pooled(self.pipe, cond, uncond, generators, size, steps, guidance, output_type)
 
     def encode_images(self, images, size):
         vae = self.pipe.vae
@@ -401,13 +406,7 @@ class SDXLAdapter(SDAdapter):
         return {"prompt_embeds": npe, "pooled_prompt_embeds": npooled}
 
     def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
-        b = cond["prompt_embeds"].shape[0]
-        out = self.pipe(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"],
-                        negative_prompt_embeds=uncond["prompt_embeds"].expand(b, -1, -1),
-                        negative_pooled_prompt_embeds=uncond["pooled_prompt_embeds"].expand(b, -1),
-                        height=size["height"], width=size["width"], num_inference_steps=steps,
-                        guidance_scale=guidance, generator=generators, output_type=output_type)
-        return out.images
+        return _generate_pooled(self.pipe, cond, uncond, generators, size, steps, guidance, output_type)
 
     def added_cond(self, cond, size, x):
         (pooled,) = self._cast(cond["pooled_prompt_embeds"])

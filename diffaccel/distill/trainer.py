@@ -17,8 +17,9 @@ Output folder (``--output``), claimed for this run before anything is written (`
 
 Checkpoints (single process and DDP) hold the trained parameters, the optimiser state, the EMA and the step as
 safetensors + JSON (``save_tree``): nothing is pickled.  Under DeepSpeed ZeRO-2 the engine's sharded optimiser
-state is saved with ``accelerator.save_state`` (DeepSpeed's own files) beside the same safetensors + JSON state,
-and read back with ``load_state(load_kwargs={"weights_only": True})``.  FSDP and ZeRO-3 are refused: they
+state is saved with ``accelerator.save_state`` beside the same safetensors + JSON state and read back with
+``load_state(load_kwargs={"weights_only": True})``: accelerate's own files are then read with
+``torch.load(weights_only=True)``; the engine's go through DeepSpeed's ``load_checkpoint`` (not verified here).  FSDP and ZeRO-3 are refused: they
 shard the frozen weights the teacher shares with the student.  A resumed run is bit-identical to an uninterrupted one on the same machine: the batches are a
 function of (seed, batch number) and the noise of each micro-batch a function of (seed, step, micro-batch,
 process).
@@ -29,6 +30,7 @@ SIGKILL itself after optimiser step ``N`` (or in the middle of writing checkpoin
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
 import os
@@ -38,7 +40,8 @@ import time
 
 import torch
 
-from ..io import CheckpointDir, atomic_write_json, claim_folder, load_tree, read_marker, save_tree
+from ..io import (CheckpointDir, atomic_write_json, claim_folder, is_training_export, load_tree, read_marker,
+                  save_tree)
 from . import data as data_mod
 from .adapters import adapter_for, pil_images
 from .losses import feature_loss, resolve_weights
@@ -192,7 +195,7 @@ def run(args) -> dict:
         from ..io import check_separate_folders, owned_folder
 
         check_separate_folders(output=output, export=os.path.abspath(args.export))
-        if not owned_folder(args.export, is_distill_export):
+        if not owned_folder(args.export, is_training_export):
             raise ValueError(f"export (--export) {os.path.abspath(args.export)!r} is not empty and holds no earlier "
                              "export (training.json); it is never replaced: pass a new or empty folder")
     resume_from = _resume_path(args, ckdir, identity)
@@ -441,7 +444,7 @@ def run(args) -> dict:
         if val_cond is None or not main:
             return
         gens = [torch.Generator().manual_seed(i) for i in range(len(validation_prompts))]
-        ctx = student.teacher() if teacher else _nullcontext()
+        ctx = student.teacher() if teacher else contextlib.nullcontext()
         was_training = unwrapped.training
         unwrapped.eval()
         try:
@@ -558,31 +561,13 @@ def run(args) -> dict:
     return summary
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def is_distill_export(folder) -> bool:
-    """Whether ``folder`` was written by ``--export`` (or by a training run: a ``training.json`` with a command)."""
-    try:
-        with open(os.path.join(folder, "training.json"), encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(info, dict) and "command" in info and "steps" in info
-
-
 def _export(folder, files, info):
     """Copy the final weights and ``training.json`` into ``folder`` (new, empty or an earlier export; replaced whole)."""
     import shutil
 
     from ..io import replace_folder
 
-    with replace_folder(folder, is_distill_export, arg="export (--export)") as tmp:
+    with replace_folder(folder, is_training_export, arg="export (--export)") as tmp:
         for f in files:
             shutil.copy2(f, os.path.join(tmp, os.path.basename(f)))
         with open(os.path.join(tmp, "training.json"), "w", encoding="utf-8") as fh:
@@ -590,4 +575,4 @@ def _export(folder, files, info):
             fh.write("\n")
 
 
-__all__ += ["lr_factor", "is_distill_export"]
+__all__ += ["lr_factor"]

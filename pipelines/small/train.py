@@ -41,8 +41,8 @@ import time
 import numpy as np
 import torch
 
-from diffaccel.io import (CheckpointDir, check_separate_folders, claim_folder, load_tree, owned_folder, replace_folder,
-                          save_tree)
+from diffaccel.io import (CheckpointDir, check_separate_folders, claim_folder, is_training_export, load_tree,
+                          owned_folder, replace_folder, save_tree)
 
 from .shapes import ShapesDataset, ShapesVideoDataset, still_caption
 from .pipeline import _CLASSES, DEFAULT_CONFIGS, build_pipeline, is_patch_size, load_small, repatch_wan, resolve_small
@@ -85,17 +85,6 @@ def _state(pipe):
 def _load_state(pipe, state):
     pipe.denoiser.load_state_dict(state["denoiser"])
     pipe.text_encoder.load_state_dict(state["text_encoder"])
-
-
-def is_training_export(folder) -> bool:
-    """Whether ``folder`` is an export a diffaccel training run wrote (it holds such a ``training.json``): the
-    only kind of non-empty ``--output`` folder an export replaces."""
-    try:
-        with open(os.path.join(folder, "training.json"), encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(info, dict) and "command" in info and "steps" in info
 
 
 def check_output_folders(output, work_dir):

@@ -197,8 +197,13 @@ def test_image_folder_and_datasets_recipes(sd_dir, tmp_path):
         Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(images / f"{i}.png")
         (images / f"{i}.txt").write_text(["a red cat", "a blue house", "the green tree"][i])
     out = tmp_path / "run"
+    # with the less common training options: accumulation, Prodigy, gradient checkpointing, EMA, validation
     distill(["--method", "linfusion", "--model", sd_dir, "--output", str(out), "--data", str(images),
-             "--max-steps", "1", "--batch-size", "2", "--shard-size", "2", "--checkpoint-every", "0", *QUIET])
+             "--max-steps", "2", "--batch-size", "1", "--gradient-accumulation-steps", "2", "--shard-size", "2",
+             "--checkpoint-every", "0", "--optimizer", "prodigy", "--lr", "1.0", "--gradient-checkpointing",
+             "--ema-decay", "0.9", "--lr-schedule", "linear", "--lr-warmup-steps", "1", "--validate-every", "1",
+             "--num-validation", "2", "--validation-steps", "2", *QUIET])
+    assert sorted(os.listdir(out / "samples")) == ["step-00000001.png", "step-00000002.png", "teacher-000000.png"]
     recipe = json.loads((out / "data" / "recipe.json").read_text())
     assert recipe["recipe"] == "images" and recipe["num_samples"] == 3
     with safe_open(str(out / "data" / "shard-00001.safetensors"), "pt") as f:

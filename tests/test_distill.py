@@ -432,3 +432,39 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, sd_dir):
                  "--resume", str(run / "checkpoints" / "checkpoint-00000001")])
     assert not other.exists()
     assert sorted(os.listdir(run)) == listing
+
+
+# ----------------------------------------------------------------------------------------- shipped students
+
+
+@pytest.mark.parametrize("model,folder", [("small-flux", "small-flux-clear"), ("small-wan", "small-wan-neighborhood")])
+def test_shipped_students_are_closer_to_full_attention_than_undistilled(model, folder):
+    """The students shipped in pipelines/small/models (trained by the `diffaccel distill` command in their
+    training.json, listed by `diffaccel eval`) reproduce full attention better than the same setting undistilled:
+    8-step samples of 4 prompts at the native size.  (small-unet-linfusion: tests/test_small_models.py.)"""
+    from diffaccel.pipelines.small import load_small
+    from diffaccel.pipelines.small.evaluate import distilled_settings, eval_prompts, psnr, resolve_options
+
+    pipe = load_small(model)
+    pipe.set_progress_bar_config(disable=True)
+    (setting,) = [s for s in distilled_settings(pipe) if s.options["weights"] == folder]
+    info = json.loads(open(os.path.join(resolve_options({"w": folder})["w"], "training.json")).read())
+    assert info["command"].startswith("diffaccel distill") and info["model"] == model
+    video = model == "small-wan"
+    prompts = eval_prompts(4, video=video)
+
+    def sample():
+        gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        out = pipe(prompts, num_inference_steps=8, generator=gens, output_type="pt")
+        return out.frames if video else out.images
+
+    ref = sample()
+    scores = {}
+    for label, options in (("undistilled", {k: v for k, v in setting.options.items() if k != "weights"}),
+                           ("distilled", setting.options)):
+        diffaccel.apply(pipe, setting.method, **resolve_options(options))
+        try:
+            scores[label] = float(psnr(sample(), ref).mean())
+        finally:
+            diffaccel.remove(pipe)
+    assert scores["distilled"] > scores["undistilled"] + 2, scores

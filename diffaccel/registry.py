@@ -53,10 +53,15 @@ def available_methods() -> list[str]:
 
 def build_options(method: Method, options: dict[str, Any]):
     """``method.options_cls(**options)`` with a clear error for unknown names."""
-    fields = {f.name for f in dataclasses.fields(method.options_cls) if f.init}
+    init = [f for f in dataclasses.fields(method.options_cls) if f.init]
+    fields = {f.name for f in init}
     unknown = sorted(set(options) - fields)
     if unknown:
         raise ValueError(
             f"unknown option(s) {unknown} for method {method.name!r}; valid options: {sorted(fields)}"
         )
+    missing = [f.name for f in init if f.name not in options
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"method {method.name!r} needs the option(s) {missing}")
     return method.options_cls(**options)

@@ -33,6 +33,10 @@ Selection granularity (``selection``):
   Queries with a strong preference thus get more blocks than others.  (VMoBA's release pools the
   whole varlen batch; here each batch element decides on its own.)
 
+Non-finite inputs: a block whose mean key is not finite scores 0 for every query (:func:`gate_means`),
+and a non-finite query scores as a zero query; the queries that select a block holding a non-finite
+key or value get NaN (as every non-finite query does), the others never see it.
+
 Text tokens (``text_len``, before or after the grid): image queries see every text key and the
 tokens of their selected blocks; text queries see every key.  The gate covers image blocks only.
 Gradients never flow through the selection (as in MoBA).
@@ -113,18 +117,32 @@ def block_means(x, part):
     """Mean over each block's tokens: ``[B, N, H, D]`` -> fp32 ``[B, H, n_blocks, D]`` (fixed summation order)."""
     xb = x.float()[:, part.members]  # [B, nb, M, H, D]
     if not part.uniform:
-        xb = xb * part.valid[None, :, :, None, None]
+        # where, not a product: a padding slot repeats token 0, and 0 * nan = nan
+        xb = torch.where(part.valid[None, :, :, None, None], xb, 0.0)
     return (xb.sum(2) / part.sizes[None, :, None, None]).permute(0, 2, 1, 3)
+
+
+def _finite_rows(x):
+    """``x`` with every row (last dim) that is not all finite set to zero."""
+    return torch.where(torch.isfinite(x).all(-1, keepdim=True), x, 0.0)
+
+
+def gate_means(x, part):
+    """:func:`block_means` as the gate uses them: a block whose mean is not finite (it holds a non-finite
+    key, or query for tile selection) gets a zero mean, so it scores 0 for every query and the
+    selection stays well defined, the same on every backend; whoever selects it sees the bad key."""
+    return _finite_rows(block_means(x, part))
 
 
 def moba_gate(q_img, k_img, part, selection="query"):
     """fp32 gate scores: ``[B, H, N, n_blocks]`` (query / head selection) or ``[B, H, n_blocks, n_blocks]``
-    (tile selection: rows are query blocks scored with their mean query)."""
-    kmean = block_means(k_img, part)
+    (tile selection: rows are query blocks scored with their mean query).  Non-finite queries score as
+    zero queries (their own output is NaN anyway; with head selection they must not upset the others')."""
+    kmean = gate_means(k_img, part)
     if selection == "tile":
-        rows = block_means(q_img, part)
+        rows = gate_means(q_img, part)
     else:
-        rows = q_img.float().permute(0, 2, 1, 3)
+        rows = _finite_rows(q_img.float().permute(0, 2, 1, 3))
     return torch.matmul(rows, kmean.transpose(-1, -2))
 
 

@@ -144,7 +144,7 @@ def test_user_tracker_is_kept_by_remove():
         (dict(method="nope", kernel_size=3), "method must be one of"),
         (dict(method="neighborhood", kernel_size=3, kernal=2), r"unknown option\(s\) \['kernal'\]"),
         (dict(method="neighborhood"), "kernel_size is required"),
-        (dict(method="neighborhood", kernel_size=0), "kernel_size must be positive"),
+        (dict(method="neighborhood", kernel_size=0), "kernel_size must be >= 1"),
         (dict(method="neighborhood", kernel_size=(3, "a")), "kernel_size"),
         (dict(method="neighborhood", kernel_size=(3, 3, 3, 3)), "kernel_size"),
         (dict(method="neighborhood", kernel_size=3, dilation=-1), "dilation"),

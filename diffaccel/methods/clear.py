@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from .._validate import BACKENDS, resolve_backend
+from .._validate import BACKENDS, positive_number, resolve_backend
 from ..processors import FluxProcessor, PatternProcessor, SD3Processor, swap_processors
 from ..io import hub_fetch, is_hub_repo_id
 from ..registry import Method, register_method
@@ -54,12 +54,6 @@ __all__ = [
 TRAIN_TOKENS = {"flux": 64 * 64 + 512, "sd3": 64 * 64 + 333}
 _PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 _SPATIAL = "processor.spatial_weight"
-
-
-def _positive_number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return value
 
 
 @dataclass
@@ -107,7 +101,7 @@ class ClearOptions:
     backend: str | None = None
 
     def __post_init__(self):
-        self.radius = float(_positive_number("radius", self.radius))
+        self.radius = positive_number("radius", self.radius)
         d = self.down_factor
         if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
             raise ValueError(f"down_factor must be None, 1 (no pooled tokens) or an int >= 2, got {d!r}")
@@ -123,13 +117,13 @@ class ClearOptions:
                 raise ValueError(f"weights_file must be a file name in the Hub repo, got {self.weights_file!r}")
             if not isinstance(w, str):
                 raise ValueError("weights_file needs weights=<Hub repo id>")
-        self.ntk_factor = float(_positive_number("ntk_factor", self.ntk_factor))
+        self.ntk_factor = positive_number("ntk_factor", self.ntk_factor)
         if not isinstance(self.proportional_attention, bool):
             raise ValueError(f"proportional_attention must be a bool, got {self.proportional_attention!r}")
         t = self.train_tokens
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 2):
             raise ValueError(f"train_tokens must be None or an int >= 2, got {t!r}")
-        self.proportional_n_factor = float(_positive_number("proportional_n_factor", self.proportional_n_factor))
+        self.proportional_n_factor = positive_number("proportional_n_factor", self.proportional_n_factor)
         if not isinstance(self.keep_original_weights, bool):
             raise ValueError(f"keep_original_weights must be a bool, got {self.keep_original_weights!r}")
         if self.backend is not None and self.backend not in BACKENDS:
@@ -260,6 +254,19 @@ class _Source:
 
     def get(self, key):
         return self._file.get_tensor(key) if self._file is not None else self._tensors[key]
+
+    def checked(self, key, like):
+        """Tensor ``key`` read and cast to ``like``'s dtype; ``ValueError`` naming the checkpoint and the key
+        if it cannot be read or cast, or holds NaN / inf."""
+        try:
+            t = self.get(key).to(dtype=like.dtype, device="cpu")
+        except Exception as e:
+            raise ValueError(f"CLEAR checkpoint {self.label}: cannot read tensor {key!r}: "
+                             f"{type(e).__name__}: {e}; nothing was loaded") from e
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"CLEAR checkpoint {self.label}: tensor {key!r} holds NaN or inf values "
+                             "(a corrupt or diverged checkpoint); nothing was loaded")
+        return t
 
 
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -437,12 +444,16 @@ def install(model, family, options, layers):
         for key, (_, target) in expected_keys(layers, options.down_factor).items():
             if not isinstance(target, tuple):
                 loads.append((target, key))
+        # every tensor is read, cast and checked before anything changes: a failure part-way must not
+        # leave some projections overwritten (with keep_original_weights=False there is nothing to restore)
+        for param, key in loads:
+            source.checked(key, param)
 
     processors = {name: _make_processor(family, options, attn) for name, attn in layers}
     if source is not None and options.down_factor:
         with torch.no_grad():
             for name, proc in processors.items():
-                proc.spatial_weight.copy_(source.get(f"{name}.{_SPATIAL}"))
+                proc.spatial_weight.copy_(source.checked(f"{name}.{_SPATIAL}", proc.spatial_weight))
 
     # change the model: weights, then processors, then RoPE; undo in reverse
     originals = []

@@ -10,11 +10,10 @@ trainable MLP branches); ``remove`` puts the original modules back.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
-from .._validate import resolve_backend
+from .._validate import positive_number, resolve_backend
 from ..linfusion import LinFusionAttention, load_linfusion_checkpoint, resolve_auto_weights, unsupported_features
 from ..registry import Method, register_method
 
@@ -62,10 +61,7 @@ class LinFusionOptions:
                 raise ValueError("mid_dim applies only when weights is None: a checkpoint's config sets the MLP width")
         if self.backend not in (None, "triton", "torch"):
             raise ValueError(f"backend must be 'triton', 'torch' or None, got {self.backend!r}")
-        e = self.eps
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e <= 0:
-            raise ValueError(f"eps must be a positive finite number, got {e!r}")
-        self.eps = float(e)
+        self.eps = positive_number("eps", self.eps)
         if self.init not in ("teacher", "random"):
             raise ValueError(f"init must be 'teacher' or 'random', got {self.init!r}")
 

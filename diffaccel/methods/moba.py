@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import ops
+from .._validate import per_axis
 from ..processors import make_processor, swap_processors
 from ..projections import check_weights_option, install_with_weights
 from ..registry import Method, register_method
@@ -53,19 +54,6 @@ from ..registry import Method, register_method
 __all__ = ["MobaOptions", "MobaCore", "StepCounter", "install", "reset_steps"]
 
 _GRID_NDIM = {"wan": 3, "hunyuan_video": 3, "cogvideox": 3, "flux": 2, "sd3": 2, "unet": 2}
-
-
-def _check_block(name, value):
-    """An int, or a tuple of 2 or 3 entries each a positive int or None (whole axis)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise ValueError(f"{name} must be positive, got {value!r}")
-        return value
-    if isinstance(value, (tuple, list)) and len(value) in (2, 3) and all(
-            x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 1) for x in value):
-        return tuple(value)
-    raise ValueError(f"{name} must be a positive int or a tuple of 2 or 3 entries, each a positive int or None "
-                     f"(the whole axis), got {value!r}")
 
 
 @dataclass
@@ -88,12 +76,13 @@ class MobaOptions:
             raise ValueError("give exactly one of block (one partition for every layer) or partitions "
                              f"(cycled by layer), got block={self.block!r}, partitions={self.partitions!r}")
         if self.block is not None:
-            self.block = _check_block("block", self.block)
+            self.block = per_axis("block", self.block, allow_none=True)
         else:
             if isinstance(self.partitions, (str, bytes)) or not isinstance(self.partitions, (list, tuple)) \
                     or not self.partitions:
                 raise ValueError(f"partitions must be a non-empty list of blocks, got {self.partitions!r}")
-            self.partitions = [_check_block(f"partitions[{i}]", p) for i, p in enumerate(self.partitions)]
+            self.partitions = [per_axis(f"partitions[{i}]", p, allow_none=True)
+                               for i, p in enumerate(self.partitions)]
         # topk / threshold / selection: the op's own checks
         _, _, self.topk, self.threshold, self.selection = ops.moba_params(
             (1,), 1, self.topk, self.threshold, self.selection)

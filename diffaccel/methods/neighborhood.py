@@ -14,25 +14,12 @@ import functools
 from dataclasses import dataclass
 
 from .. import ops
-from .._validate import BACKENDS
+from .._validate import BACKENDS, per_axis
 from ..processors import make_processor, swap_processors
 from ..projections import check_weights_option, install_with_weights
 from ..registry import Method, register_method
 
 _GRID_NDIM = {"unet": 2, "flux": 2, "sd3": 2, "wan": 3, "hunyuan_video": 3, "cogvideox": 3}
-
-
-def _check_axes(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, tuple, list)):
-        raise ValueError(f"{name} must be a positive int or a tuple of 2 or 3 positive ints, got {value!r}")
-    if isinstance(value, int):
-        if value < 1:
-            raise ValueError(f"{name} must be positive, got {value!r}")
-        return value
-    value = tuple(value)
-    if len(value) not in (2, 3) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in value):
-        raise ValueError(f"{name} must be a positive int or a tuple of 2 or 3 positive ints, got {value!r}")
-    return value
 
 
 @dataclass
@@ -59,9 +46,9 @@ class NeighborhoodOptions:
     def __post_init__(self):
         if self.kernel_size is None:
             raise ValueError("kernel_size is required, e.g. kernel_size=(13, 13) (or 3 values for video)")
-        self.kernel_size = _check_axes("kernel_size", self.kernel_size)
-        self.dilation = _check_axes("dilation", self.dilation)
-        self.stride = _check_axes("stride", self.stride)
+        self.kernel_size = per_axis("kernel_size", self.kernel_size)
+        self.dilation = per_axis("dilation", self.dilation)
+        self.stride = per_axis("stride", self.stride)
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {self.backend!r}")
         check_weights_option(self.weights)

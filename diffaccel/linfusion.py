@@ -481,13 +481,11 @@ def load_linfusion_checkpoint(weights, model, selected, *, eps=1e-4, backend=Non
 
 
 def _denoiser(model_or_pipe):
-    if isinstance(model_or_pipe, nn.Module):
-        return model_or_pipe
-    for attr in ("unet", "transformer"):
-        m = getattr(model_or_pipe, attr, None)
-        if isinstance(m, nn.Module):
-            return m
-    raise ValueError(f"model_or_pipe must be a UNet or a pipeline with a .unet, got {type(model_or_pipe).__name__}")
+    """The UNet of a pipeline (or the model itself)."""
+    from .api import denoisers
+
+    found = denoisers(model_or_pipe)
+    return next((m for label, m in found if label in ("", "unet")), found[0][1])
 
 
 def save_linfusion(model_or_pipe, folder, *, dtype=None):

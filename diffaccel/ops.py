@@ -20,7 +20,7 @@ import math
 from ._validate import (check_qkv, check_scale, check_tokens, is_finite_number, normalize_grid, per_axis,
                         positive_number, resolve_backend)
 
-__all__ = ["linear_attention", "local_attention", "moba_attention", "moba_params", "neighborhood_attention",
+__all__ = ["dense_attention", "linear_attention", "local_attention", "moba_attention", "moba_params", "neighborhood_attention",
            "neighborhood_params"]
 
 
@@ -113,7 +113,7 @@ def linear_attention(q, k, v, *, eps=1e-4, backend=None):
     eps = positive_number("eps", eps)
     backend = resolve_backend(backend, q.device, supported=("triton", "torch"))
     if backend == "triton" and q.numel() > 0:
-        from .kernels.linear_attention import linear_attention_triton
+        from .kernels.linear_attention_triton import linear_attention_triton
 
         return linear_attention_triton(q, k, v, float(eps))
     from .kernels.linear_attention_torch import linear_attention_torch
@@ -294,3 +294,13 @@ def moba_attention(q, k, v, grid, block, *, topk=None, threshold=None, selection
 
     return moba_torch(*args)
 
+
+
+def dense_attention(q, k, v, *, scale=None):
+    """Full softmax attention on ``[B, S, H, D]`` tensors (q and k/v may differ in length) with torch's
+    ``scaled_dot_product_attention``: the baseline every pattern is measured against, and what padded
+    text queries and dense layers run.  No argument checks beyond torch's own."""
+    import torch.nn.functional as F
+
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)

@@ -20,17 +20,10 @@ import math
 
 import torch
 
+from .patterns import max_sq_dist
 from .reference import join_text_mask, masked_attention_reference
 
 __all__ = ["max_sq_dist", "pooled_grid", "circle_mask", "local_mask", "pool_reference", "local_reference"]
-
-
-def max_sq_dist(radius):
-    """The largest integer squared distance strictly below ``radius**2`` (computed in float64):
-    an integer offset is visible iff ``dy**2 + dx**2 <= max_sq_dist(radius)``.  A positive radius always
-    sees distance 0 (``radius**2`` may underflow to 0.0); ``radius`` must be finite (callers clamp it to
-    the grid's diagonal)."""
-    return max(math.ceil(float(radius) * float(radius)) - 1, 0)
 
 
 def pooled_grid(grid, down_factor):

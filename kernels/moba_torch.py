@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .moba_ref import block_partition, image_slices, select_blocks
+from .moba_select import block_partition, image_slices, select_blocks
 from .nonfinite import clean, nan_rows, nonfinite_marks
 from .workspace import clear_workspace, scratch  # noqa: F401  (clear_workspace: public here too)
 

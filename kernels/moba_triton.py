@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .blocksparse import (MODE_SELECT, BlockPlan, dynamic_tables, register_planner, sparse_attn_dyn_bwd,
                           sparse_attn_dyn_fwd)
-from .moba_ref import block_partition, gate_means, image_slices, select_blocks
+from .moba_select import block_partition, gate_means, image_slices, select_blocks
 from .tiling import _BIG, IMAGE, PAD, TEXT, TileLayout
 
 # elements of the per-query selection [B, heads, N, n_blocks] handled at once

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import diffaccel
+from diffaccel.context import get_tracker
 from diffaccel.methods.moba import MobaCore, reset_steps
 from tiny_models import (flux_inputs, run, sd3_inputs, tiny_flux, tiny_pipeline, tiny_sd3, tiny_unet, tiny_wan,
                          unet_inputs, wan_inputs)
@@ -102,7 +103,7 @@ def test_dense_steps_follow_the_timesteps(wan):
     dense = {t: run(wan, at(t)) for t in (900, 700, 500)}
     diffaccel.apply(wan, "moba", block=(1, 2, 2), topk=1, dense_steps=2, backend="torch")
     try:
-        counter = _cores(wan)[0].counter
+        counter = get_tracker(wan).steps
         assert torch.equal(run(wan, at(900)), dense[900])  # step 0: dense
         assert torch.equal(run(wan, at(900)), dense[900])  # same timestep (second CFG call): still step 0
         assert torch.equal(run(wan, at(700)), dense[700])  # step 1: dense
@@ -125,11 +126,11 @@ def test_dense_steps_shared_by_the_denoisers_of_a_pipeline():
     pipe = tiny_pipeline(unet=unet, transformer=wan)
     diffaccel.apply(pipe, "moba", block=2, topk=1, dense_steps=1, backend="torch")
     try:
-        counter = _cores(wan)[0].counter
-        assert _cores(unet)[0].counter is counter
+        counter = get_tracker(wan).steps
+        assert get_tracker(unet).steps is counter and get_tracker(wan).count_steps
         run(unet, {**unet_inputs(unet), "timestep": torch.tensor(900.0)})
         run(wan, {**wan_inputs(wan, frames=2, height=4, width=4), "timestep": torch.tensor([700.0])})
-        assert counter.step == 1 and not counter.dense
+        assert counter.step == 1
     finally:
         diffaccel.remove(pipe)
 

@@ -44,3 +44,14 @@ def test_import_direction_kernels_know_tensors_only():
         text = path.read_text()
         for bad in ("diffaccel.pipelines", "from .pipelines", "from ..pipelines", "from . import pipelines"):
             assert bad not in text, f"{path} imports the pipelines layer ({bad!r})"
+
+
+def test_references_are_for_tests_only():
+    # the plain PyTorch references (kernels/*_ref.py, kernels/reference.py) are never imported at run time
+    import re
+
+    ref = re.compile(r"(from|import)\s+[\w.]*(_ref|reference)\b")
+    for path in list((ROOT / "kernels").glob("*.py")) + list((ROOT / "diffaccel").rglob("*.py")):
+        if path.name.endswith("_ref.py") or path.name == "reference.py":
+            continue
+        assert not ref.search(path.read_text()), f"{path} imports a reference module"

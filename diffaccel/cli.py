@@ -56,6 +56,16 @@ def build_parser():
     b.add_argument("--json", help="also write the results as JSON to this file")
     b.set_defaults(func=_cmd_bench)
 
+    from .distill import cli as distill_cli
+
+    d = sub.add_parser("distill", help="distil a method's student (linfusion, clear, neighborhood, moba) on a "
+                                       "pipeline, through accelerate",
+                       description="Distil a diffaccel attention method on a diffusers pipeline: the teacher is the "
+                                   "same pipeline with full attention. Also: python -m diffaccel.distill, and "
+                                   "accelerate launch [--config_file F] -m diffaccel.distill for many processes.")
+    distill_cli.add_arguments(d)
+    d.set_defaults(func=distill_cli.run_args)
+
     # subcommands of higher layers (the pipelines layer: generate, eval, train-small) plug in through the
     # "diffaccel.cli" entry point group, so this package never imports the layer above it
     for ep in sorted(entry_points(group="diffaccel.cli"), key=lambda e: e.name):

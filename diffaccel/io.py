@@ -15,8 +15,8 @@ import shutil
 import tempfile
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_dir", "RUN_MARKER", "read_marker",
-           "claim_folder", "check_separate_folders", "owned_folder", "replace_folder", "pack_tree", "unpack_tree",
-           "save_tree", "load_tree", "CheckpointDir"]
+           "claim_folder", "check_separate_folders", "is_training_export", "owned_folder", "replace_folder", "pack_tree",
+           "unpack_tree", "save_tree", "load_tree", "CheckpointDir"]
 
 
 def _fsync_dir(path):
@@ -223,6 +223,18 @@ def check_separate_folders(**folders) -> None:
         for b, pb in items[i + 1:]:
             if pa == pb or pa.startswith(pb + os.sep) or pb.startswith(pa + os.sep):
                 raise ValueError(f"{a} ({pa}) and {b} ({pb}) must be separate folders, neither inside the other")
+
+
+def is_training_export(folder) -> bool:
+    """Whether ``folder`` is an export a diffaccel training run wrote (``train-small``, ``diffaccel distill
+    --export``): it holds a ``training.json`` with the run's ``command`` and ``steps``.  The only kind of non-empty
+    folder an export replaces."""
+    try:
+        with open(os.path.join(folder, "training.json"), encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(info, dict) and "command" in info and "steps" in info
 
 
 def owned_folder(folder, is_ours) -> bool:

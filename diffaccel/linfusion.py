@@ -47,6 +47,7 @@ __all__ = [
     "linfusion_checkpoint_for",
     "load_linfusion_checkpoint",
     "save_linfusion",
+    "write_linfusion",
 ]
 
 CONFIG_NAME = "config.json"
@@ -496,8 +497,6 @@ def save_linfusion(model_or_pipe, folder, *, dtype=None):
     ``torch.float16``).  Readable by LinFusion's ``LinFusion.from_pretrained`` and by
     ``diffaccel.apply(..., "linfusion", weights=folder)``.  Returns ``folder``.
     """
-    from safetensors.torch import save_file
-
     unet = _denoiser(model_or_pipe)
     layers = [(n, m) for n, m in unet.named_modules() if isinstance(m, LinFusionAttention)]
     if not layers:
@@ -510,6 +509,14 @@ def save_linfusion(model_or_pipe, folder, *, dtype=None):
         for suffix, t in layer.linfusion_state_dict().items():
             t = t.detach().to("cpu", dtype=dtype or t.dtype)
             tensors[f"{i}.{suffix}"] = t.clone().contiguous()
+    return write_linfusion(folder, modules_list, tensors)
+
+
+def write_linfusion(folder, modules_list, tensors):
+    """Write a LinFusion checkpoint folder (``config.json`` listing ``modules_list``, and ``tensors`` keyed
+    ``{i}.{suffix}``), atomically.  Returns ``folder``."""
+    from safetensors.torch import save_file
+
     try:
         import diffusers
 

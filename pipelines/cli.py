@@ -322,11 +322,11 @@ def _cmd_eval_highres(args, device):
 
 
 def _add_train_small_arguments(p):
-    p.add_argument("kind", choices=["flux", "unet", "wan", "classifier", "linfusion"],
-                   help="which small model to train (classifier: the shape/colour classifier of `diffaccel eval`; "
-                        "linfusion: distil LinFusion layers from --teacher)")
-    p.add_argument("--output", help="exported folder (default: the shipped pipelines/small/models/small-<kind>, "
-                                    "shape-classifier or small-unet-linfusion)")
+    p.add_argument("kind", choices=["flux", "unet", "wan", "classifier"],
+                   help="which small model to train (classifier: the shape/colour classifier of `diffaccel eval`); "
+                        "students of the attention methods are trained with `diffaccel distill`")
+    p.add_argument("--output", help="exported folder (default: the shipped pipelines/small/models/small-<kind> or "
+                                    "shape-classifier)")
     p.add_argument("--work-dir", help="checkpoints, logs and sample grids (default runs/<name>)")
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this run (default 60)")
     p.add_argument("--max-steps", type=int, help="stop at this total step count")
@@ -373,7 +373,6 @@ def _add_train_small_arguments(p):
     p.add_argument("--save-every", type=int, default=200, help="checkpoint and export every N steps")
     p.add_argument("--sample-every", type=int, default=1000, help="write a preview grid every N steps")
     p.add_argument("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of the exported weights")
-    p.add_argument("--teacher", default="small-unet", help="linfusion: the small UNet pipeline to distil from")
 
 
 def _patch_size(text):

@@ -358,7 +358,7 @@ def test_training_noise_levels_follow_the_scheduler_shift(tmp_path):
 
 
 def test_shipped_linfusion_distillation_is_closer_to_full_attention(pipes):
-    """The distilled LinFusion layers shipped for small-unet (`diffaccel train-small linfusion`) reproduce full
+    """The distilled LinFusion layers shipped for small-unet (`diffaccel distill --method linfusion`) reproduce full
     attention better than LinFusion initialised from the model without training."""
     import diffaccel
 

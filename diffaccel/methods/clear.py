@@ -50,6 +50,7 @@ __all__ = [
     "clear_filename",
     "clear_state_dict",
     "save_clear",
+    "write_clear",
     "install",
 ]
 
@@ -399,17 +400,21 @@ def save_clear(model_or_pipe, path, *, dtype=None):
     (one ``.safetensors`` file, keys as CLEAR's release), atomically.  Readable by CLEAR's notebooks
     (``load_state_dict(strict=False)``) and by ``diffaccel.apply(..., "clear", weights=path)``.
     ``dtype`` optionally casts the tensors.  Returns ``path``."""
+    tensors = clear_state_dict(model_or_pipe, dtype)
+    model = _denoiser(model_or_pipe)
+    proc = next(m.processor for m in model.modules() if isinstance(getattr(m, "processor", None), ClearProcessorMixin))
+    return write_clear(path, tensors, proc.radius, proc.down_factor)
+
+
+def write_clear(path, tensors, radius, down_factor=None):
+    """Write ``tensors`` (CLEAR's keys) as a CLEAR checkpoint file, atomically; returns ``path``."""
     from safetensors.torch import save_file
 
     from ..io import atomic_path
 
-    tensors = clear_state_dict(model_or_pipe, dtype)
-    model = _denoiser(model_or_pipe)
-    proc = next(m.processor for m in model.modules() if isinstance(getattr(m, "processor", None), ClearProcessorMixin))
-    meta = {"format": "pt", "method": "clear", "radius": f"{proc.radius:g}",
-            "down_factor": str(proc.down_factor or 1)}
+    meta = {"format": "pt", "method": "clear", "radius": f"{float(radius):g}", "down_factor": str(down_factor or 1)}
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
     return path
 
 

@@ -28,6 +28,8 @@ Options (``MobaOptions``):
   layers; negative from the end) and/or fnmatch patterns on the layer names
   (e.g. ``"blocks.0.attn1"``).  They keep their place in the partition cycle.
 * ``backend``: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA, else torch).
+* ``weights``: projections trained by ``diffaccel distill`` (``projections.safetensors``, a folder holding it,
+  a Hub repo id or a state dict; see ``diffaccel.projections``), or ``None``.
 
 Families: every family (``diffaccel.families``); blocks take ``family.grid_ndim`` entries.
 """
@@ -42,6 +44,7 @@ from .._validate import per_axis
 from ..bench import Case
 from ..context import current_context, reset_steps
 from ..processors import make_processor, swap_processors
+from ..projections import check_weights_option, install_with_weights
 from ..registry import BenchSpec, Method, check_backend_option, register_method
 from ._common import ALL_FAMILIES, attention_projections
 
@@ -62,6 +65,7 @@ class MobaOptions:
     dense_steps: int = 0
     dense_layers: int | str | list | tuple = ()
     backend: str | None = None
+    weights: object = None
 
     def __post_init__(self):
         if (self.block is None) == (self.partitions is None):
@@ -90,6 +94,7 @@ class MobaOptions:
             raise ValueError(f"dense_layers must be ints and/or non-empty glob patterns, got {self.dense_layers!r}")
         self.dense_layers = tuple(dl)
         check_backend_option(self.backend, BACKENDS)
+        check_weights_option(self.weights)
 
     def blocks(self):
         return [self.block] if self.block is not None else list(self.partitions)
@@ -164,7 +169,7 @@ def install(model, family, options: MobaOptions, layers):
         name: make_processor(family, MobaCore(blocks[i % len(blocks)], options, dense=i in dense), attn=module)
         for i, (name, module) in enumerate(layers)
     }
-    return swap_processors(model, processors)
+    return install_with_weights(model, layers, options.weights, "moba", lambda: swap_processors(model, processors))
 
 
 def default_settings(grid):

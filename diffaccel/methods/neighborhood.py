@@ -18,6 +18,7 @@ from .._validate import per_axis
 from ..bench import Case
 from ..context import current_context
 from ..processors import make_processor, swap_processors
+from ..projections import check_weights_option, install_with_weights
 from ..registry import BenchSpec, Method, check_backend_option, register_method
 from ._common import ALL_FAMILIES, attention_projections, per_axis_for_family
 
@@ -43,6 +44,8 @@ class NeighborhoodOptions:
         ``dense_steps``).  With ``stride == kernel_size`` and ``layers=`` on a UNet's
         top blocks this is HiDiffusion's window attention.  0 = none.
     backend: ``"triton"``, ``"flex"``, ``"torch"`` or ``None`` (best for the device).
+    weights: projections trained by ``diffaccel distill`` (a ``projections.safetensors`` file, a folder
+        holding one, a Hub repo id or a state dict; see ``diffaccel.projections``), or ``None``.
     """
 
     kernel_size: int | tuple | None = None
@@ -50,6 +53,7 @@ class NeighborhoodOptions:
     stride: int | tuple = 1
     shift: int | tuple | str = 0
     backend: str | None = None
+    weights: object = None
 
     def __post_init__(self):
         if self.kernel_size is None:
@@ -58,6 +62,7 @@ class NeighborhoodOptions:
         self.dilation = per_axis("dilation", self.dilation)
         self.stride = per_axis("stride", self.stride)
         check_backend_option(self.backend, BACKENDS)
+        check_weights_option(self.weights)
         for name in ("dilation", "stride"):
             value = getattr(self, name)
             if isinstance(value, tuple) and isinstance(self.kernel_size, tuple) and len(value) != len(self.kernel_size):
@@ -110,12 +115,13 @@ class ShiftedCore:
 def install(model, family, options, layers):
     """Install neighborhood processors on ``layers`` (``[(name, attention module)]``); returns undo."""
     kwargs = core_kwargs(options, family)
-    if not isinstance(options.shift, str):
-        core = functools.partial(ops.neighborhood_attention, **kwargs)
-        return swap_processors(model, {name: make_processor(family, core, attn=module) for name, module in layers})
-    processors = {name: make_processor(family, ShiftedCore(kwargs, options.shift, i), attn=module)
-                  for i, (name, module) in enumerate(layers)}
-    return swap_processors(model, processors)
+    if isinstance(options.shift, str):
+        cores = [ShiftedCore(kwargs, options.shift, i) for i in range(len(layers))]
+    else:
+        cores = [functools.partial(ops.neighborhood_attention, **kwargs)] * len(layers)
+    processors = {name: make_processor(family, core, attn=module) for (name, module), core in zip(layers, cores)}
+    return install_with_weights(model, layers, options.weights, "neighborhood",
+                                lambda: swap_processors(model, processors))
 
 
 def default_settings(grid):

@@ -400,7 +400,8 @@ def native_grid(pipe) -> tuple:
 def default_settings(pipe) -> list[Setting]:
     """The method settings evaluated by default for a small pipeline (``dense`` excluded): each registered method
     supporting the model's family at its ``default_settings`` sized on the native token grid (16 x 16 image tokens;
-    video ``T x g x g``), plus the shipped distilled LinFusion weights where they exist."""
+    video ``T x g x g``), plus the shipped distilled LinFusion weights where they exist and the
+    shipped students of ``diffaccel distill`` (:func:`distilled_settings`)."""
     from diffaccel.registry import methods
 
     fam = _family(pipe)
@@ -415,7 +416,27 @@ def default_settings(pipe) -> list[Setting]:
 
             if os.path.isfile(os.path.join(MODELS_DIR, "small-unet-linfusion", "config.json")):
                 s += [Setting("linfusion", dict(weights="small-unet-linfusion"))]
-    return s
+    return s + distilled_settings(pipe)
+
+
+def distilled_settings(pipe) -> list[Setting]:
+    """The shipped students of ``pipe``'s model (folders of ``pipelines/small/models`` whose ``training.json``
+    records a ``diffaccel distill`` run on it): each its method and options with ``weights=<folder>``, so eval
+    reports it next to the same setting undistilled."""
+    from .pipeline import MODELS_DIR
+
+    model = os.path.basename(os.path.normpath(str(pipe.config.get("_name_or_path", ""))))
+    out = []
+    for name in sorted(os.listdir(MODELS_DIR)):
+        try:
+            with open(os.path.join(MODELS_DIR, name, "training.json")) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict) and info.get("kind") == "distill" and info.get("model") == model:
+            options = {k: tuple(v) if isinstance(v, list) else v for k, v in (info.get("options") or {}).items()}
+            out.append(Setting(info["method"], {**options, "weights": name}))
+    return out
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -182,9 +182,10 @@ class _SmallPipeline(DiffusionPipeline):
     def denoiser(self) -> torch.nn.Module:
         raise NotImplementedError
 
-    def predict(self, x, sigma, text, pooled):  # pragma: no cover - abstract
+    def predict(self, x, sigma, text, pooled, denoiser=None):  # pragma: no cover - abstract
         """One denoiser call: ``x`` pixels (``[B, 3, H, W]`` or ``[B, 3, F, H, W]``), ``sigma`` ``[B]`` in
-        [0, 1], text states ``[B, L, D]`` and pooled text ``[B, D]`` -> velocity, the shape of ``x``."""
+        [0, 1], text states ``[B, L, D]`` and pooled text ``[B, D]`` -> velocity, the shape of ``x``.
+        ``denoiser``: the callable to run instead of the pipeline's own denoiser (e.g. a DDP-wrapped one)."""
         raise NotImplementedError
 
     def _size_multiple(self) -> int:
@@ -437,12 +438,12 @@ class SmallFluxPipeline(_SmallPipeline):
             ids = self._ids_cache[key] = ids.reshape(h * w, 3)
         return ids
 
-    def predict(self, x, sigma, text, pooled):
+    def predict(self, x, sigma, text, pooled, denoiser=None):
         b, c, h, w = x.shape
         tokens = _pack2x2(x)  # [B, 12, h/2, w/2]
         hp, wp = h // 2, w // 2
         tokens = tokens.flatten(2).transpose(1, 2)  # [B, hp*wp, 12]
-        out = self.transformer(
+        out = (denoiser or self.transformer)(
             hidden_states=tokens, encoder_hidden_states=text, pooled_projections=pooled, timestep=sigma,
             img_ids=self._img_ids(hp, wp, x.device), txt_ids=torch.zeros(text.shape[1], 3, device=x.device),
             return_dict=False,
@@ -468,9 +469,9 @@ class SmallUNetPipeline(_SmallPipeline):
     def _size_multiple(self):
         return 2 * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
-    def predict(self, x, sigma, text, pooled):
+    def predict(self, x, sigma, text, pooled, denoiser=None):
         t = sigma * self.scheduler.config.num_train_timesteps
-        out = self.unet(_pack2x2(x), t, encoder_hidden_states=text, return_dict=False)[0]
+        out = (denoiser or self.unet)(_pack2x2(x), t, encoder_hidden_states=text, return_dict=False)[0]
         return _unpack2x2(out)
 
 
@@ -503,9 +504,10 @@ class SmallWanPipeline(_SmallPipeline):
     def _noise_shape(self, batch, height, width, num_frames):
         return (batch, 3, num_frames, height, width)
 
-    def predict(self, x, sigma, text, pooled):
+    def predict(self, x, sigma, text, pooled, denoiser=None):
         t = sigma * self.scheduler.config.num_train_timesteps
-        return self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        return (denoiser or self.transformer)(hidden_states=x, timestep=t, encoder_hidden_states=text,
+                                              return_dict=False)[0]
 
     def _output(self, out, output_type, return_dict):
         if output_type == "pt":

@@ -41,8 +41,8 @@ import time
 import numpy as np
 import torch
 
-from diffaccel.io import (CheckpointDir, check_separate_folders, claim_folder, load_tree, owned_folder, replace_folder,
-                          save_tree)
+from diffaccel.io import (CheckpointDir, check_separate_folders, claim_folder, is_training_export, load_tree,
+                          owned_folder, replace_folder, save_tree)
 
 from .shapes import ShapesDataset, ShapesVideoDataset, still_caption
 from .pipeline import _CLASSES, DEFAULT_CONFIGS, build_pipeline, is_patch_size, load_small, repatch_wan, resolve_small
@@ -85,17 +85,6 @@ def _state(pipe):
 def _load_state(pipe, state):
     pipe.denoiser.load_state_dict(state["denoiser"])
     pipe.text_encoder.load_state_dict(state["text_encoder"])
-
-
-def is_training_export(folder) -> bool:
-    """Whether ``folder`` is an export a diffaccel training run wrote (it holds such a ``training.json``): the
-    only kind of non-empty ``--output`` folder an export replaces."""
-    try:
-        with open(os.path.join(folder, "training.json"), encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(info, dict) and "command" in info and "steps" in info
 
 
 def check_output_folders(output, work_dir):
@@ -560,109 +549,16 @@ def train_small(
     return summary
 
 
-def distill_linfusion(
-    output: str,
-    work_dir: str,
-    teacher: str = "small-unet",
-    minutes: float = 30.0,
-    max_steps: int | None = None,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    warmup: int = 50,
-    data_seed: int = 0,
-    seed: int = 0,
-    threads: int | None = None,
-    device: str = "cpu",
-    save_every: int = 200,
-    log_every: int = 20,
-    command: str | None = None,
-):
-    """Distil LinFusion layers for a small UNet pipeline (``teacher``): the student is the same pipeline with
-    ``diffaccel.apply(pipe, "linfusion")`` (projections copied from the teacher, MLP branches zero-initialised);
-    only the LinFusion parameters train, to match the teacher's velocity on noisy dataset images (logit-normal
-    ``sigma``, prompts with 10% dropped, as in training).  Saves LinFusion's checkpoint format (``save_linfusion``)
-    to ``output`` with ``training.json``.  Stops after ``minutes`` or ``max_steps``."""
-    import diffaccel
-    from diffaccel.linfusion import save_linfusion
-    from diffaccel.methods.linfusion import linfusion_parameters
-
-    from .pipeline import SmallUNetPipeline
-
-    if threads:
-        torch.set_num_threads(int(threads))
-    check_output_folders(output, work_dir)
-    torch.manual_seed(seed)
-    pipe = load_small(teacher).to(device)
-    if not isinstance(pipe, SmallUNetPipeline):
-        raise ValueError(f"LinFusion distillation needs a small UNet pipeline, {teacher!r} is {type(pipe).__name__}")
-    teacher_pipe = SmallUNetPipeline(copy.deepcopy(pipe.unet), pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                                     sample_size=pipe.config.sample_size)
-    for m in (pipe.unet, pipe.text_encoder, teacher_pipe.unet):
-        m.requires_grad_(False).eval()
-    diffaccel.apply(pipe, "linfusion")
-    params = linfusion_parameters(pipe)
-    for p_ in params:
-        p_.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    claim_work_dir(work_dir)
-    dataset = ShapesDataset(data_seed + 7, 1_000_000, pipe.config.sample_size)
-    gen = torch.Generator().manual_seed(seed)
-    t0, step, losses = time.time(), 0, []
-    print(f"distilling LinFusion for {teacher}: {sum(p_.numel() for p_ in params) / 1e6:.2f}M parameters",
-          flush=True)
-
-    def save():
-        info = dict(teacher=teacher, steps=step, batch_size=batch_size, lr=lr,
-                    minutes_trained=round((time.time() - t0) / 60, 1),
-                    final_loss=float(np.mean(losses[-100:])) if losses else None, command=command)
-        with replace_folder(output, is_training_export, arg="output (--output)") as tmp:
-            save_linfusion(pipe, tmp, dtype=torch.float16)
-            with open(os.path.join(tmp, "training.json"), "w") as f:
-                json.dump(info, f, indent=2)
-
-    while (max_steps is None or step < max_steps) and time.time() - t0 < minutes * 60:
-        captions, xt, sigma, _ = noisy_batch(*collate(dataset, np.arange(step * batch_size, (step + 1) * batch_size)),
-                                             gen)
-        xt, sigma = xt.to(device), sigma.to(device)
-        with torch.no_grad():
-            text, pooled = pipe.encode_prompt(captions, device)
-            target = teacher_pipe.predict(xt, sigma, text, pooled)
-        pred = pipe.predict(xt, sigma, text, pooled)
-        loss = torch.nn.functional.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for g_ in opt.param_groups:
-            g_["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1))
-        opt.step()
-        step += 1
-        losses.append(loss.item())
-        if step % log_every == 0:
-            rec = dict(step=step, loss=float(np.mean(losses[-log_every:])), minutes=round((time.time() - t0) / 60, 2))
-            with open(os.path.join(work_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(json.dumps(rec), flush=True)
-        if save_every and step % save_every == 0:
-            save()
-    save()
-    return dict(steps=step, final_loss=float(np.mean(losses[-100:])) if losses else None, output=output)
-
-
 def run_from_args(args):
     from .pipeline import MODELS_DIR
 
-    name = {"classifier": "shape-classifier", "linfusion": "small-unet-linfusion"}.get(args.kind, f"small-{args.kind}")
+    name = {"classifier": "shape-classifier"}.get(args.kind, f"small-{args.kind}")
     output = args.output or os.path.join(MODELS_DIR, name)
     work_dir = args.work_dir or os.path.join("runs", name)
     argv = list(getattr(args, "argv", None) or [])
     if "train-small" in argv:
         argv = argv[argv.index("train-small") + 1:]
     command = "diffaccel train-small " + " ".join(shlex.quote(a) for a in argv) if argv else None
-    if args.kind == "linfusion":
-        return distill_linfusion(output=output, work_dir=work_dir, teacher=args.teacher, minutes=args.minutes,
-                                 max_steps=args.max_steps, batch_size=args.batch_size or 32, lr=args.lr or 1e-3,
-                                 data_seed=args.data_seed, seed=args.seed, threads=args.threads, device=args.device,
-                                 save_every=args.save_every, command=command)
     if args.kind == "classifier":
         from .evaluate import train_classifier
 

@@ -1,0 +1,452 @@
+"""Adapters: what distillation needs from one pipeline type.
+
+An adapter knows, for its pipeline class, how to
+
+* encode prompts into the conditioning tensors the denoiser takes (done once, cached on disk);
+* let the teacher generate clean latents from cached conditioning (data recipe (a)) and encode images into
+  latents (recipe (b)) -- the only places the text encoders and the VAE run;
+* noise clean latents, call the denoiser on cached inputs, and give the model's own training target:
+  flow matching (``v = noise - x0``) for FLUX, SD3 and Wan, the scheduler's ``prediction_type`` (epsilon,
+  v-prediction or sample, DDPM noising) for SD 1.5/2.1 and SDXL UNets.
+
+Built in: ``FluxPipeline``, ``StableDiffusion3Pipeline``, ``StableDiffusionPipeline``,
+``StableDiffusionXLPipeline`` and ``WanPipeline`` (and subclasses).  Plug-ins (``diffaccel.distill.models``) add
+adapters for their own pipelines (the small models).
+
+Conventions: conditioning is a ``{name: tensor}`` dict, batch first; ``size`` is
+``{"height": H, "width": W}`` (+ ``"num_frames"`` for video) in pixels; ``call`` is the denoiser to run
+(the prepared student, or the teacher), called with the denoiser's own keyword arguments.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["Adapter", "FlowAdapter", "FluxAdapter", "SD3Adapter", "SDAdapter", "SDXLAdapter", "WanAdapter",
+           "adapter_for", "logit_normal_sigmas", "shift_sigmas"]
+
+
+def logit_normal_sigmas(n, generator, mean=0.0, std=1.0):
+    """``n`` noise levels ``sigmoid(N(mean, std))`` (SD3's and FLUX's training density)."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+
+
+def shift_sigmas(sigma, shift):
+    """The flow schedulers' shift: ``sigma -> shift sigma / (1 + (shift - 1) sigma)``."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def _strip(frames):
+    """PIL frames side by side."""
+    from PIL import Image
+
+    w, h = frames[0].size
+    out = Image.new("RGB", (w * len(frames), h))
+    for i, f in enumerate(frames):
+        out.paste(f, (i * w, 0))
+    return out
+
+
+class Adapter:
+    """Base class (see the module docstring).  Subclasses set :attr:`denoiser_attr` and implement the methods."""
+
+    denoiser_attr = "transformer"
+    video = False
+    #: "flow" (v = noise - x0) or the scheduler's prediction type: "epsilon", "v_prediction", "sample"
+    objective = "flow"
+    #: the teacher's guidance scale when --guidance-scale is not given (the pipeline's usual value)
+    default_guidance = 5.0
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.dtype = None  # the dtype inputs are cast to before the denoiser (set by the trainer)
+        self.guidance = None  # the guidance scale of the run (FLUX feeds it to its guidance embedding)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_attr)
+
+    @property
+    def device(self):
+        return self.denoiser.device
+
+    # -- sizes
+    def default_size(self) -> dict:
+        raise NotImplementedError
+
+    def size_multiple(self) -> int:
+        return 8
+
+    def check_size(self, size: dict) -> dict:
+        m = self.size_multiple()
+        for key in ("height", "width"):
+            v = size.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < m or v % m:
+                raise ValueError(f"{key} (--{key}) must be a positive multiple of {m} for "
+                                 f"{type(self.pipe).__name__}, got {v!r}")
+        if self.video:
+            f = size.get("num_frames")
+            if isinstance(f, bool) or not isinstance(f, int) or f < 1:
+                raise ValueError(f"num_frames (--num-frames) must be a positive int, got {f!r}")
+        elif size.get("num_frames") is not None:
+            raise ValueError(f"num_frames (--num-frames) is for video pipelines, not {type(self.pipe).__name__}")
+        return {k: v for k, v in size.items() if v is not None}
+
+    # -- text
+    def encode_prompts(self, prompts: list[str]) -> dict:
+        raise NotImplementedError
+
+    def encode_uncond(self) -> dict:
+        """The conditioning of the empty prompt (batch 1): classifier-free guidance and caption dropout."""
+        return self.encode_prompts([""])
+
+    # -- data
+    def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
+        """Teacher samples: clean latents ``[B, ...]`` (``output_type="latent"``) or PIL images (videos: frame strips)."""
+        raise NotImplementedError
+
+    def encode_images(self, images: torch.Tensor, size: dict) -> torch.Tensor:
+        """``images`` ``[B, 3, H, W]`` in [0, 1] at ``size`` -> clean latents (video pipelines: one-frame clips)."""
+        raise NotImplementedError
+
+    # -- training
+    def noise_levels(self, x0, generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def noisy(self, x0, noise, t):
+        raise NotImplementedError
+
+    def target(self, x0, noise, t):
+        raise NotImplementedError
+
+    def forward(self, call, x, t, cond, size):
+        raise NotImplementedError
+
+    def _cast(self, *tensors):
+        dt = self.dtype
+        return tuple(x if dt is None or not x.is_floating_point() else x.to(dt) for x in tensors)
+
+
+class FlowAdapter(Adapter):
+    """Flow matching (rectified flow): ``x_t = (1 - sigma) x0 + sigma noise``, target ``noise - x0``,
+    ``sigma`` logit-normal shifted like the pipeline's scheduler."""
+
+    def shift(self, x0) -> float:
+        cfg = self.pipe.scheduler.config
+        for key in ("flow_shift", "shift"):
+            v = cfg.get(key)
+            if v is not None:
+                return float(v)
+        return 1.0
+
+    def noise_levels(self, x0, generator):
+        return shift_sigmas(logit_normal_sigmas(x0.shape[0], generator), self.shift(x0))
+
+    def noisy(self, x0, noise, t):
+        s = t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+        return (1 - s) * x0 + s * noise
+
+    def target(self, x0, noise, t):
+        return noise - x0
+
+
+# ------------------------------------------------------------------------------------------------- FLUX
+
+
+class FluxAdapter(FlowAdapter):
+    """``FluxPipeline``: packed 2x2 latents ``[B, N, 4C]``, CLIP pooled + T5 states, guidance embedding (dev)."""
+
+    default_guidance = 3.5
+
+    def max_sequence_length(self):
+        return int(min(512, getattr(self.pipe.tokenizer_2, "model_max_length", 512) or 512))
+
+    def default_size(self):
+        s = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return {"height": s, "width": s}
+
+    def size_multiple(self):
+        return self.pipe.vae_scale_factor * 2
+
+    def encode_prompts(self, prompts):
+        pe, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.device,
+                                                max_sequence_length=self.max_sequence_length())
+        return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
+
+    def _grid(self, size):
+        f = self.pipe.vae_scale_factor * 2
+        return size["height"] // f, size["width"] // f
+
+    def shift(self, x0):
+        cfg = self.pipe.scheduler.config
+        if cfg.get("use_dynamic_shifting"):
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            mu = calculate_shift(x0.shape[1], cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                 cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+            return math.exp(mu)
+        return super().shift(x0)
+
+    def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
+        out = self.pipe(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"],
+                        height=size["height"], width=size["width"], num_inference_steps=steps, guidance_scale=guidance,
+                        generator=generators, output_type=output_type,
+                        max_sequence_length=self.max_sequence_length())
+        return out.images
+
+    def encode_images(self, images, size):
+        vae = self.pipe.vae
+        lat = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mode()
+        lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
+        b, c, h, w = lat.shape
+        return self.pipe._pack_latents(lat, b, c, h, w)
+
+    def forward(self, call, x, t, cond, size):
+        x, pe, pooled = self._cast(x, cond["prompt_embeds"], cond["pooled_prompt_embeds"])
+        h, w = self._grid(size)
+        img_ids = self.pipe._prepare_latent_image_ids(x.shape[0], h, w, x.device, x.dtype)
+        txt_ids = torch.zeros(pe.shape[1], 3, device=x.device, dtype=x.dtype)
+        guidance = None
+        if self.denoiser.config.guidance_embeds:
+            guidance = torch.full((x.shape[0],), float(self.guidance or 1.0), device=x.device,
+                                  dtype=torch.float32)
+        return call(hidden_states=x, timestep=t.to(x.dtype), guidance=guidance, pooled_projections=pooled,
+                    encoder_hidden_states=pe, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+
+
+# ------------------------------------------------------------------------------------------------- SD3
+
+
+def _generate_pooled(pipe, cond, uncond, generators, size, steps, guidance, output_type):
+    """A pipeline call with text states and pooled text, and the empty prompt's as negatives (SD3, SDXL)."""
+    b = cond["prompt_embeds"].shape[0]
+    out = pipe(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"],
+               negative_prompt_embeds=uncond["prompt_embeds"].expand(b, -1, -1),
+               negative_pooled_prompt_embeds=uncond["pooled_prompt_embeds"].expand(b, -1),
+               height=size["height"], width=size["width"], num_inference_steps=steps, guidance_scale=guidance,
+               generator=generators, output_type=output_type)
+    return out.images
+
+
+class SD3Adapter(FlowAdapter):
+    """``StableDiffusion3Pipeline``: latents ``[B, 16, h, w]``, joint CLIP-L/G + T5 states and pooled text."""
+
+    default_guidance = 7.0
+
+    def default_size(self):
+        s = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return {"height": s, "width": s}
+
+    def size_multiple(self):
+        return self.pipe.vae_scale_factor * self.pipe.patch_size
+
+    def encode_prompts(self, prompts):
+        pe, _, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None,
+                                                   device=self.device, do_classifier_free_guidance=False)
+        return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
+
+    def encode_uncond(self):
+        _, npe, _, npooled = self.pipe.encode_prompt(prompt=[""], prompt_2=None, prompt_3=None, device=self.device,
+                                                     do_classifier_free_guidance=True)
+        return {"prompt_embeds": npe, "pooled_prompt_embeds": npooled}
+
+    def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
+        return _generate_pooled(self.pipe, cond, uncond, generators, size, steps, guidance, output_type)
+
+    def encode_images(self, images, size):
+        vae = self.pipe.vae
+        lat = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mode()
+        return (lat - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def forward(self, call, x, t, cond, size):
+        x, pe, pooled = self._cast(x, cond["prompt_embeds"], cond["pooled_prompt_embeds"])
+        return call(hidden_states=x, timestep=(t * 1000).to(x.dtype), encoder_hidden_states=pe,
+                    pooled_projections=pooled, return_dict=False)[0]
+
+
+# ------------------------------------------------------------------------------------------------- Wan
+
+
+class WanAdapter(FlowAdapter):
+    """``WanPipeline``: video latents ``[B, C, F', h, w]`` normalised by the VAE's ``latents_mean`` / ``std``;
+    UMT5 states (512 tokens)."""
+
+    video = True
+
+    def default_size(self):
+        return {"height": 480, "width": 832, "num_frames": 81}
+
+    def size_multiple(self):
+        return self.pipe.vae_scale_factor_spatial * int(self.denoiser.config.patch_size[1])
+
+    def check_size(self, size):
+        size = super().check_size(size)
+        if (size["num_frames"] - 1) % self.pipe.vae_scale_factor_temporal:
+            raise ValueError(f"num_frames (--num-frames) - 1 must be a multiple of "
+                             f"{self.pipe.vae_scale_factor_temporal} for WanPipeline, got {size['num_frames']}")
+        return size
+
+    def encode_prompts(self, prompts):
+        pe, _ = self.pipe.encode_prompt(prompt=list(prompts), do_classifier_free_guidance=False,
+                                        max_sequence_length=512, device=self.device)
+        return {"prompt_embeds": pe}
+
+    def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
+        b = cond["prompt_embeds"].shape[0]
+        out = self.pipe(prompt_embeds=cond["prompt_embeds"],
+                        negative_prompt_embeds=uncond["prompt_embeds"].expand(b, -1, -1),
+                        height=size["height"], width=size["width"], num_frames=size["num_frames"],
+                        num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                        output_type="latent" if output_type == "latent" else "pil")
+        frames = out.frames
+        return frames if output_type == "latent" else [_strip(list(v)) for v in frames]
+
+    def _stats(self, lat):
+        cfg = self.pipe.vae.config
+        mean = torch.tensor(cfg.latents_mean, device=lat.device, dtype=lat.dtype).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=lat.device, dtype=lat.dtype).view(1, -1, 1, 1, 1)
+        return mean, std
+
+    def encode_images(self, images, size):
+        vae = self.pipe.vae
+        lat = vae.encode((images * 2 - 1).unsqueeze(2).to(vae.device, vae.dtype)).latent_dist.mode()
+        mean, std = self._stats(lat)
+        return (lat - mean) / std
+
+    def forward(self, call, x, t, cond, size):
+        x, pe = self._cast(x, cond["prompt_embeds"])
+        return call(hidden_states=x, timestep=(t * 1000).to(x.dtype), encoder_hidden_states=pe, return_dict=False)[0]
+
+
+# ------------------------------------------------------------------------------------------------- UNet
+
+
+class SDAdapter(Adapter):
+    """``StableDiffusionPipeline`` (SD 1.5 / 2.1): latents ``[B, 4, h, w]`` scaled by the VAE's
+    ``scaling_factor``; DDPM noising and the scheduler's ``prediction_type`` as target."""
+
+    denoiser_attr = "unet"
+    default_guidance = 7.5
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.objective = self.noise_scheduler.config.prediction_type
+
+    def default_size(self):
+        s = self.denoiser.config.sample_size * self.pipe.vae_scale_factor
+        return {"height": s, "width": s}
+
+    def size_multiple(self):
+        return self.pipe.vae_scale_factor * 2 ** (len(self.denoiser.config.block_out_channels) - 1)
+
+    def encode_prompts(self, prompts):
+        pe, _ = self.pipe.encode_prompt(list(prompts), self.device, 1, False)
+        return {"prompt_embeds": pe}
+
+    def encode_uncond(self):
+        _, npe = self.pipe.encode_prompt([""], self.device, 1, True)
+        return {"prompt_embeds": npe}
+
+    def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
+        b = cond["prompt_embeds"].shape[0]
+        out = self.pipe(prompt_embeds=cond["prompt_embeds"],
+                        negative_prompt_embeds=uncond["prompt_embeds"].expand(b, -1, -1),
+                        height=size["height"], width=size["width"], num_inference_steps=steps,
+                        guidance_scale=guidance, generator=generators, output_type=output_type)
+        return out.images
+
+    def encode_images(self, images, size):
+        vae = self.pipe.vae
+        lat = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mode()
+        return lat * vae.config.scaling_factor
+
+    def noise_levels(self, x0, generator):
+        n = self.noise_scheduler.config.num_train_timesteps
+        return torch.randint(0, n, (x0.shape[0],), generator=generator).float()
+
+    def noisy(self, x0, noise, t):
+        return self.noise_scheduler.add_noise(x0, noise, t.long().to(x0.device))
+
+    def target(self, x0, noise, t):
+        if self.objective == "epsilon":
+            return noise
+        if self.objective == "v_prediction":
+            return self.noise_scheduler.get_velocity(x0, noise, t.long().to(x0.device))
+        if self.objective == "sample":
+            return x0
+        raise ValueError(f"unsupported prediction_type {self.objective!r} of {type(self.pipe).__name__}'s scheduler")
+
+    def added_cond(self, cond, size, x):
+        return None
+
+    def forward(self, call, x, t, cond, size):
+        x, pe = self._cast(x, cond["prompt_embeds"])
+        kwargs = {}
+        added = self.added_cond(cond, size, x)
+        if added is not None:
+            kwargs["added_cond_kwargs"] = added
+        return call(x, t.to(x.device), encoder_hidden_states=pe, return_dict=False, **kwargs)[0]
+
+
+class SDXLAdapter(SDAdapter):
+    """``StableDiffusionXLPipeline``: SD's recipe plus the pooled text and the size/crop time ids."""
+
+    def encode_prompts(self, prompts):
+        pe, _, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), device=self.device,
+                                                   do_classifier_free_guidance=False)
+        return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
+
+    def encode_uncond(self):
+        _, npe, _, npooled = self.pipe.encode_prompt(prompt=[""], device=self.device, do_classifier_free_guidance=True)
+        return {"prompt_embeds": npe, "pooled_prompt_embeds": npooled}
+
+    def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
+        return _generate_pooled(self.pipe, cond, uncond, generators, size, steps, guidance, output_type)
+
+    def added_cond(self, cond, size, x):
+        (pooled,) = self._cast(cond["pooled_prompt_embeds"])
+        h, w = size["height"], size["width"]
+        ids = torch.tensor([[h, w, 0, 0, h, w]], device=x.device, dtype=pooled.dtype).expand(x.shape[0], -1)
+        return {"text_embeds": pooled, "time_ids": ids}
+
+
+_BUILTIN = (("FluxPipeline", FluxAdapter), ("StableDiffusion3Pipeline", SD3Adapter),
+            ("StableDiffusionXLPipeline", SDXLAdapter), ("StableDiffusionPipeline", SDAdapter),
+            ("WanPipeline", WanAdapter))
+SUPPORTED = tuple(name for name, _ in _BUILTIN)
+
+
+def adapter_for(pipe) -> Adapter:
+    """The adapter of ``pipe``: a plug-in's, else a built-in one by class (subclasses included); ``ValueError``
+    naming ``--model`` for any other pipeline."""
+    from .models import plugins
+
+    for p in plugins():
+        a = p.adapter(pipe)
+        if a is not None:
+            return a
+    names = [c.__name__ for c in type(pipe).__mro__]
+    for name, cls in _BUILTIN:
+        if name in names:
+            return cls(pipe)
+    raise ValueError(f"model (--model): distillation does not know the pipeline {type(pipe).__name__}; it supports "
+                     f"{', '.join(SUPPORTED)} and the shipped small models")
+
+
+def pil_images(x):
+    """``[B, 3, (F,) H, W]`` floats in [0, 1] -> PIL images (videos: frame strips)."""
+    from PIL import Image
+
+    arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    out = []
+    for a in arr:
+        if a.ndim == 4:  # [3, F, H, W]
+            out.append(_strip([Image.fromarray(np.ascontiguousarray(f.transpose(1, 2, 0))) for f in a.transpose(1, 0, 2, 3)]))
+        else:
+            out.append(Image.fromarray(np.ascontiguousarray(a.transpose(1, 2, 0))))
+    return out

@@ -795,6 +795,11 @@ def displayed_size(ctx: PatternContext, panels: bool) -> tuple[int, int]:
     return w * f, h * f
 
 
+def req_size(result: RunResult) -> str:
+    s = result.output.stages[-1]
+    return f"{s.height}x{s.width}"
+
+
 def _first_method(methods) -> str:
     """The method selected first: neighborhood where the model supports it, else the first non-dense one."""
     return "neighborhood" if "neighborhood" in methods else next((m for m in methods if m != "dense"), "dense")
@@ -966,6 +971,7 @@ def build_demo(default_model: str = DEFAULT_MODEL):
                         offload = gr.Checkbox(value=False, label="CPU offload (accelerate)", interactive=chain)
                 compare = gr.Checkbox(value=True, label="also run full attention, side by side", elem_id="compare")
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
+                status = gr.Markdown("", elem_id="status", min_height=60)
             with gr.Column(scale=1):
                 with gr.Row():
                     dense_out = gr.Image(label="full attention", interactive=False, elem_id="dense-out",
@@ -991,7 +997,8 @@ def build_demo(default_model: str = DEFAULT_MODEL):
                     for m, n, _ in comps]
             return ups
 
-        model.change(on_model, model, [method, height, width, frames, *boxes.values(), *(c for *_, c in comps)])
+        model.change(on_model, model, [method, height, width, frames, *boxes.values(), *(c for *_, c in comps)],
+                     show_progress_on=status)
         method.change(lambda m: [gr.update(visible=(k == m)) for k in boxes], method, list(boxes.values()))
 
         inputs = [model, method, prompt, height, width, frames, steps, seed, guidance, compare, first_stage,
@@ -1017,11 +1024,13 @@ def build_demo(default_model: str = DEFAULT_MODEL):
             except SystemExit as e:
                 raise gr.Error(_message(e)) from None
             return (viewable(dense.frames) if dense else None, viewable(result.frames), md, pic, caption,
-                    _store(ctx))
+                    _store(ctx), f"Done: {result.label} at {req_size(result)}.")
 
-        go.click(on_generate, set(inputs) | {c for *_, c in comps},
-                 [dense_out, method_out, result_md, pattern_img, pattern_md, state], concurrency_limit=1,
-                 concurrency_id="generate")
+        # progress and error badges go to the status line under the button; messages to the page's toasts
+        go.click(lambda: "", None, status, queue=False, show_progress="hidden").then(
+            on_generate, set(inputs) | {c for *_, c in comps},
+            [dense_out, method_out, result_md, pattern_img, pattern_md, state, status], concurrency_limit=1,
+            concurrency_id="generate", show_progress_on=status)
 
         def pick(token, x, y, panels):
             ctx = _CONTEXTS.get(token)
@@ -1038,8 +1047,10 @@ def build_demo(default_model: str = DEFAULT_MODEL):
         def on_select_pattern(token, evt: gr.SelectData):
             return pick(token, *evt.index, panels=True)
 
-        method_out.select(on_select_result, state, [pattern_img, pattern_md], concurrency_limit=2)
-        pattern_img.select(on_select_pattern, state, [pattern_img, pattern_md], concurrency_limit=2)
+        method_out.select(on_select_result, state, [pattern_img, pattern_md], concurrency_limit=2,
+                          show_progress_on=pattern_md)
+        pattern_img.select(on_select_pattern, state, [pattern_img, pattern_md], concurrency_limit=2,
+                           show_progress_on=pattern_md)
     return demo
 
 

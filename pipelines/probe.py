@@ -183,7 +183,8 @@ def estimate_memory(layout: TokenLayout, pixels: int = 0) -> MemoryEstimate:
     elt = torch.finfo(layout.dtype).bits // 8 if layout.dtype.is_floating_point else 4
     act = ACTIVATION_COPIES * layout.batch * layout.tokens * layout.width * elt
     out = pixels * 3 * 4 * 4
-    note = (f"{layout.tokens:,} tokens ({'x'.join(map(str, layout.grid))} + {layout.text_len} text) x "
+    text = f" + {layout.text_len} text" if layout.text_len else ""
+    note = (f"{layout.tokens:,} tokens ({'x'.join(map(str, layout.grid))}{text}) x "
             f"{layout.width} wide ({layout.heads} heads) x batch {layout.batch} x {elt} B x {ACTIVATION_COPIES}")
     return MemoryEstimate(int(act + out + FIXED_BYTES), layout, note)
 

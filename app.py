@@ -109,24 +109,25 @@ def shipped_weights(model: str, method: str) -> str | None:
     return None
 
 
+def _evaluate_module():
+    """The small models' evaluation module (its default settings, its option resolution)."""
+    for name in ("diffaccel.pipelines.evaluate", "diffaccel.pipelines.small.evaluate"):
+        try:
+            return __import__(name, fromlist=["default_settings"])
+        except ImportError:
+            continue
+    raise ImportError("no small-model evaluation module (diffaccel.pipelines.evaluate) found")
+
+
 def suggested_options(model: str, pipe, method: str) -> dict:
     """Option values to start from: the evaluation's first setting of ``method`` for this model (sized on its
     native token grid), and the shipped distilled weights where they exist."""
-    out = {}
     if method == "dense":
-        return out
+        return {}
     try:
-        from diffaccel.pipelines.evaluate import default_settings
-    except ImportError:
-        try:
-            from diffaccel.pipelines.small.evaluate import default_settings
-        except ImportError:
-            default_settings = None
-    if default_settings is not None:
-        try:
-            out = next((dict(s.options) for s in default_settings(pipe) if s.method == method), {})
-        except Exception:  # a pipeline the small-model settings do not describe
-            out = {}
+        out = next((dict(s.options) for s in _evaluate_module().default_settings(pipe) if s.method == method), {})
+    except Exception:  # a pipeline the small-model settings do not describe
+        out = {}
     weights = shipped_weights(model, method)
     if weights is not None and "weights" in {f.name for f in dataclasses.fields(options_class(method))}:
         out["weights"] = weights
@@ -135,14 +136,7 @@ def suggested_options(model: str, pipe, method: str) -> dict:
 
 def resolve_option_values(options: dict) -> dict:
     """Option values naming a shipped folder (``weights="small-unet-linfusion"``) as paths."""
-    root = _models_dir()
-    out = {}
-    for k, v in options.items():
-        if isinstance(v, str) and v and root and not os.path.exists(v) and os.sep not in v \
-                and os.path.isdir(os.path.join(root, v)):
-            v = os.path.join(root, v)
-        out[k] = v
-    return out
+    return _evaluate_module().resolve_options(options)
 
 
 def applied_method(pipe):
@@ -171,64 +165,48 @@ class HighresOutput:
     frames: list | None = None
 
 
-def _step_reporter(pipe, step_callback, steps):
-    """A context that calls ``step_callback(0, 1, step, steps)`` after every scheduler step of ``pipe``."""
-    class Reporter:
-        def __enter__(self):
-            self.count = 0
-            original = pipe.scheduler.step
+class _StepReporter:
+    """Calls ``step_callback(0, 1, step, steps)`` after every scheduler step of ``pipe`` while entered."""
 
-            def step(*a, **kw):
-                out = original(*a, **kw)
-                self.count += 1
-                if step_callback is not None:
-                    step_callback(0, 1, self.count, steps)
-                return out
+    def __init__(self, pipe, step_callback, steps):
+        self.pipe, self.callback, self.steps, self.count = pipe, step_callback, steps, 0
 
-            pipe.scheduler.step = step
-            return self
+    def __enter__(self):
+        original = self.pipe.scheduler.step
 
-        def __exit__(self, *exc):
-            del pipe.scheduler.step
-            return False
+        def step(*a, **kw):
+            out = original(*a, **kw)
+            self.count += 1
+            if self.callback is not None:
+                self.callback(0, 1, self.count, self.steps)
+            return out
 
-    return Reporter()
+        self.pipe.scheduler.step = step
+        return self
+
+    def __exit__(self, *exc):
+        del self.pipe.scheduler.step
+        return False
 
 
 def single_stage(pipe, prompt, *, height, width, method="dense", options=None, first_stage_method=False,
                  stages=None, strength=None, num_inference_steps=20, seed=0, guidance_scale=None,
                  negative_prompt=None, num_frames=None, step_callback=None, tiled_vae=False, cpu_offload=False):
-    """``generate_highres``'s interface over one stage at the target size (used while
-    ``diffaccel.pipelines.highres`` is not installed): the method is applied for the call and removed after."""
-    import diffaccel
+    """``generate_highres``'s interface over today's single-stage path (``diffaccel generate``'s function), one
+    stage at the target size; used while ``diffaccel.pipelines.highres`` is not installed."""
+    from diffaccel.pipelines.cli import generate as generate_one
 
     for name, value in (("stages", stages), ("strength", strength), ("tiled_vae", tiled_vae),
                         ("cpu_offload", cpu_offload)):
         if value:
             raise ValueError(f"{name} needs the high-resolution chain (diffaccel.pipelines.highres), "
                              "which this installation does not have")
-    kwargs = dict(height=height, width=width, num_inference_steps=num_inference_steps,
-                  generator=torch.Generator().manual_seed(seed))
-    for name, value in (("guidance_scale", guidance_scale), ("negative_prompt", negative_prompt),
-                        ("num_frames", num_frames)):
-        if value is not None:
-            kwargs[name] = value
-    if "output_type" in inspect.signature(pipe.__call__).parameters:
-        kwargs["output_type"] = "pil"
-    device = probe.denoiser_of(pipe).device
-    if method != "dense":
-        diffaccel.apply(pipe, method, **dict(options or {}))
-    try:
-        with _step_reporter(pipe, step_callback, num_inference_steps):
-            t0 = time.perf_counter()
-            result = pipe(prompt, **kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - t0
-    finally:
-        if method != "dense":
-            diffaccel.remove(pipe)
-    label = method if method == "dense" else f"{method}({_format_options(options or {})})"
+    opts = [f"{k}={v!r}" for k, v in (options or {}).items()]
+    with _StepReporter(pipe, step_callback, num_inference_steps):
+        # model name "": the options are always explicit here (no small-model default setting substituted)
+        result, seconds, _, label = generate_one(
+            "", method, opts, prompt, height=height, width=width, steps=num_inference_steps, seed=seed,
+            guidance_scale=guidance_scale, negative_prompt=negative_prompt, num_frames=num_frames, pipe=pipe)
     stage = StageInfo(height, width, num_inference_steps, seconds, label)
     frames = getattr(result, "frames", None)
     if frames is not None:

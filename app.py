@@ -45,14 +45,6 @@ ALLOW_DOWNLOAD = False  # --allow-download: Hub ids not in the local cache are d
 # Everything the demo takes from the library is reached through the functions of this section.
 
 
-def _load_pipeline_fn():
-    try:
-        from diffaccel.pipelines import load_pipeline
-    except ImportError:  # before the high-res restructure: the small-models module's loader
-        from diffaccel.pipelines.small import load_pipeline
-    return load_pipeline
-
-
 def _generate_highres_fn():
     """``(generate_highres, True)`` from ``diffaccel.pipelines.highres``, or the single-stage stand-in below."""
     try:
@@ -88,35 +80,15 @@ def options_class(method: str):
     return get_method(method).options_cls
 
 
-def _models_dir() -> str | None:
-    for module in ("diffaccel.pipelines.small", "diffaccel.pipelines.small.models"):
-        try:
-            mod = __import__(module, fromlist=["MODELS_DIR"])
-        except ImportError:
-            continue
-        if getattr(mod, "MODELS_DIR", None):
-            return mod.MODELS_DIR
-    return None
-
-
 def shipped_weights(model: str, method: str) -> str | None:
     """The distilled weights shipped for ``method`` on a small model, by convention the folder
     ``<models dir>/<model>-<method>`` (e.g. ``small-unet-linfusion``); ``None`` when there are none."""
-    root = _models_dir()
+    from diffaccel.pipelines.small import MODELS_DIR
+
     name = f"{model}-{method}"
-    if root and model in SMALL_MODELS and os.path.isdir(os.path.join(root, name)):
+    if model in SMALL_MODELS and os.path.isdir(os.path.join(MODELS_DIR, name)):
         return name
     return None
-
-
-def _evaluate_module():
-    """The small models' evaluation module (its default settings, its option resolution)."""
-    for name in ("diffaccel.pipelines.evaluate", "diffaccel.pipelines.small.evaluate"):
-        try:
-            return __import__(name, fromlist=["default_settings"])
-        except ImportError:
-            continue
-    raise ImportError("no small-model evaluation module (diffaccel.pipelines.evaluate) found")
 
 
 def suggested_options(model: str, pipe, method: str) -> dict:
@@ -125,7 +97,9 @@ def suggested_options(model: str, pipe, method: str) -> dict:
     if method == "dense":
         return {}
     try:
-        out = next((dict(s.options) for s in _evaluate_module().default_settings(pipe) if s.method == method), {})
+        from diffaccel.pipelines.small.evaluate import default_settings
+
+        out = next((dict(s.options) for s in default_settings(pipe) if s.method == method), {})
     except Exception:  # a pipeline the small-model settings do not describe
         out = {}
     weights = shipped_weights(model, method)
@@ -136,7 +110,9 @@ def suggested_options(model: str, pipe, method: str) -> dict:
 
 def resolve_option_values(options: dict) -> dict:
     """Option values naming a shipped folder (``weights="small-unet-linfusion"``) as paths."""
-    return _evaluate_module().resolve_options(options)
+    from diffaccel.pipelines.small.evaluate import resolve_options
+
+    return resolve_options(options)
 
 
 def applied_method(pipe):
@@ -245,11 +221,13 @@ def load_model(name: str):
         if name in _PIPES:
             _PIPES.move_to_end(name)
             return _PIPES[name]
+        from diffaccel.pipelines import load_pipeline
+
         try:
-            pipe = _load_pipeline_fn()(name, device=device(), allow_download=ALLOW_DOWNLOAD)
-        except SystemExit as e:  # the pre-restructure loader exits with a message
+            pipe = load_pipeline(name, device=device(), allow_download=ALLOW_DOWNLOAD)
+        except ValueError as e:
             raise ValueError(f"model: {e}") from None
-        except (OSError, ValueError, TypeError, KeyError) as e:
+        except (OSError, TypeError, KeyError) as e:
             raise ValueError(f"model: cannot load {name!r}: {e}") from None
         probe.denoiser_of(pipe)  # a pipeline without a denoiser is no use here
         _PIPES[name] = pipe

@@ -129,7 +129,7 @@ def test_generate_pattern_error_and_recovery_in_chromium(server, artifacts):
             model.fill("no-such-model")
             model.press("Enter")
             page.click("#generate")
-            toast = page.locator(".toast-body", has_text="cannot load 'no-such-model'")
+            toast = page.locator(".toast-body", has_text="cannot load pipeline 'no-such-model'")
             expect(toast.first).to_be_visible(timeout=30_000)
             page.screenshot(path=os.path.join(artifacts, "03-error.png"), full_page=True)
 

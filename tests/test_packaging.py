@@ -19,8 +19,8 @@ def test_wheel_maps_kernels_and_pipelines_under_diffaccel(tmp_path):
     # every subpackage of the source tree is in the wheel
     for init in (ROOT / "diffaccel").rglob("__init__.py"):
         assert init.relative_to(ROOT).as_posix() in names, f"{init} missing from the wheel"
-    # the shipped small models: every tracked file under pipelines/models
-    models = subprocess.run(["git", "ls-files", "pipelines/models"], cwd=ROOT, capture_output=True, text=True,
+    # the shipped small models: every tracked file under pipelines/small/models
+    models = subprocess.run(["git", "ls-files", "pipelines/small/models"], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.split()
     assert models, "no shipped models found by git ls-files"
     for f in models:

@@ -31,13 +31,14 @@ from PIL import Image, ImageDraw
 
 from diffaccel import pattern as attention_pattern
 from diffaccel.pipelines import probe
+from diffaccel.pipelines.small import SMALL_MODELS
 
-SMALL_MODELS = ("small-flux", "small-unet", "small-wan")
 DEFAULT_MODEL = "small-flux"
 DEFAULT_PROMPT = "a red circle and a blue square on a yellow background"
 VIEW_PX = 320  # results are shown at least this large (nearest-neighbour upscaling by an integer factor)
 PATTERN_PX = 320
 MAX_LOADED = 2  # pipelines kept in memory
+MAX_GIFS = 64  # video results kept on disk (in a temporary folder of this process)
 ALLOW_DOWNLOAD = False  # --allow-download: Hub ids not in the local cache are downloaded
 
 
@@ -131,6 +132,7 @@ class StageInfo:
     steps: int
     seconds: float
     method_label: str
+    strength: float | None = None
 
 
 @dataclasses.dataclass
@@ -785,8 +787,13 @@ def viewable(frames: list):
     big = [fr.convert("RGB").resize((w * f, h * f), Image.NEAREST) for fr in frames]
     if len(big) == 1:
         return big[0]
-    path = os.path.join(_out_dir(), f"{uuid.uuid4().hex}.gif")
+    folder = _out_dir()
+    path = os.path.join(folder, f"{uuid.uuid4().hex}.gif")
     big[0].save(path, save_all=True, append_images=big[1:], duration=250, loop=0)
+    # this process's own folder: keep the newest MAX_GIFS
+    old = sorted((os.path.join(folder, f) for f in os.listdir(folder)), key=os.path.getmtime)[:-MAX_GIFS]
+    for f in old:
+        os.remove(f)
     return path
 
 
@@ -799,10 +806,12 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
 
 def report(p: Plan, runs: list[RunResult], chain: bool) -> str:
     """Markdown: one row per stage of every run (size, steps, seconds), totals, speedup, peak memory."""
-    rows = ["| run | stage | size | steps | time |", "|---|---|---|---|---|"]
+    rows = ["| run | stage | size | attention | strength | steps | time |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         for i, s in enumerate(r.output.stages):
-            rows.append(f"| {r.label} | {i + 1} | {s.height}x{s.width} | {s.steps} | {s.seconds:.2f} s |")
+            strength = getattr(s, "strength", None)
+            rows.append(f"| {r.label} | {i + 1} | {s.height}x{s.width} | {s.method_label} | "
+                        f"{'' if strength is None else f'{strength:g}'} | {s.steps} | {s.seconds:.2f} s |")
     lines = ["\n".join(rows), ""]
     totals = " · ".join(f"{r.label}: **{r.output.seconds:.2f} s**, peak memory {probe.format_bytes(r.peak)}"
                         for r in runs)

@@ -40,6 +40,7 @@ PATTERN_PX = 320
 MAX_LOADED = 2  # pipelines kept in memory
 MAX_GIFS = 64  # video results kept on disk (in a temporary folder of this process)
 ALLOW_DOWNLOAD = False  # --allow-download: Hub ids not in the local cache are downloaded
+CSS = "#report table th, #report table td { white-space: nowrap; }"
 
 
 # =============================================================================================== seams
@@ -805,13 +806,22 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
 
 
 def report(p: Plan, runs: list[RunResult], chain: bool) -> str:
-    """Markdown: one row per stage of every run (size, steps, seconds), totals, speedup, peak memory."""
-    rows = ["| run | stage | size | attention | strength | steps | time |", "|---|---|---|---|---|---|---|"]
-    for r in runs:
-        for i, s in enumerate(r.output.stages):
-            strength = getattr(s, "strength", None)
-            rows.append(f"| {r.label} | {i + 1} | {s.height}x{s.width} | {s.method_label} | "
-                        f"{'' if strength is None else f'{strength:g}'} | {s.steps} | {s.seconds:.2f} s |")
+    """Markdown: one row per stage (size, steps, strength, each run's seconds), totals, speedup, peak memory."""
+    rows = ["| stage | size | steps | strength | " + " | ".join(r.label for r in runs) + " |",
+            "|---" * (4 + len(runs)) + "|"]
+    for i, stage in enumerate(runs[-1].output.stages):
+        strength = getattr(stage, "strength", None)
+        strength = "" if strength is None else f"{strength:g}"
+        cells = []
+        for r in runs:
+            st = r.output.stages[i] if i < len(r.output.stages) else None
+            if st is None:
+                cells.append("")
+                continue
+            dense_here = r is runs[-1] and p.method != "dense" and st.method_label == "dense"
+            cells.append(f"{st.seconds:.2f} s" + (" (full attention)" if dense_here else ""))
+        rows.append(f"| {i + 1} | {stage.height}x{stage.width} | {stage.steps} | {strength} | " + " | ".join(cells)
+                    + " |")
     lines = ["\n".join(rows), ""]
     totals = " · ".join(f"{r.label}: **{r.output.seconds:.2f} s**, peak memory {probe.format_bytes(r.peak)}"
                         for r in runs)
@@ -1035,7 +1045,7 @@ def main(argv=None):
     port = args.port if args.port is not None else int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
     demo = build_demo(args.model)
     demo.queue(default_concurrency_limit=1, max_size=32)
-    demo.launch(server_name=args.host, server_port=port, show_error=True)
+    demo.launch(server_name=args.host, server_port=port, show_error=True, css=CSS)
 
 
 if __name__ == "__main__":

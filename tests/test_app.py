@@ -120,8 +120,8 @@ def test_run_side_by_side_with_progress_and_report():
     assert [round(f, 3) for f, _ in steps] == [0.25, 0.5, 0.75, 1.0]  # every step of both runs
     assert steps[0][1] == "full attention: stage 1/1, step 1/2" and steps[-1][1].startswith("neighborhood")
     assert dense.frames[0].size == result.frames[0].size == (32, 32)
-    for text in ("| full attention | 1 | 32x32 | dense |  | 2 |", "| neighborhood(kernel_size=5) | 1 | 32x32 |",
-                 "Speedup over full attention", "peak memory", "Estimated memory need at 32x32"):
+    for text in ("| stage | size | steps | strength | full attention | neighborhood(kernel_size=5) |",
+                 "| 1 | 32x32 | 2 |  | ", "Speedup over full attention", "peak memory", "Estimated memory need at 32x32"):
         assert text in md
     pic, caption = app.render_pattern(ctx, app.default_query(ctx.grid))
     assert "25 of 256 image tokens" in caption and "20 of 20 text tokens" in caption  # 5 x 5 window

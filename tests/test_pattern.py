@@ -127,7 +127,8 @@ def test_capture_self_attention_records_the_first_layer_and_stops():
                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                    pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).eval()
     h = w = 4
-    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(), indexing="ij"), -1)
+    axes = (torch.zeros(1), torch.arange(h).float(), torch.arange(w).float())
+    ids = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
     kwargs = dict(hidden_states=torch.randn(1, h * w, 4), encoder_hidden_states=torch.randn(1, 3, 16),
                   pooled_projections=torch.randn(1, 8), timestep=torch.tensor([0.5]),
                   img_ids=ids.reshape(-1, 3).float(), txt_ids=torch.zeros(3, 3), return_dict=False)

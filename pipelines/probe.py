@@ -167,10 +167,11 @@ class MemoryEstimate:
 
 # Hidden-state copies of [batch, tokens, width] alive at a denoiser's peak: the block's input, q, k, v,
 # attention output, the MLP's 4x-wide hidden state, residuals and the attention kernels' bounded
-# workspaces.  Measured on the small models on CPU (1 denoising step, PeakMemory; dense, neighborhood and
-# MoBA at 64-256 px, small-flux, small-unet, small-wan) the resident memory grew by at most 60 such copies
-# (MoBA on small-flux at 256 px: 945 MiB for 16 MiB copies); the estimate allows 96 plus a fixed 256 MiB.
-ACTIVATION_COPIES = 96
+# workspaces.  Measured on the small models on CPU (docs/snippets/demo_memory.py: 1 denoising step, dense,
+# neighborhood and MoBA at 64-256 px) the resident memory grew by 16-30 such copies, and by up to 91 in MoBA's
+# first call at 256 px on small-flux (1.4 GiB for 16 MiB copies; 40 in the next); the estimate allows 128 plus a
+# fixed 256 MiB.
+ACTIVATION_COPIES = 128
 FIXED_BYTES = 256 * 2 ** 20
 
 

@@ -244,15 +244,15 @@ def load_model(name: str):
 REQUIRED = object()
 
 
-def _choices(name):
+def _choices(method, name):
     if name == "selection":
         from diffaccel.ops import MOBA_SELECTIONS
 
         return tuple(MOBA_SELECTIONS)
     if name == "backend":
-        from diffaccel._validate import BACKENDS
+        from diffaccel.registry import get_method
 
-        return ("auto",) + tuple(BACKENDS)
+        return ("auto",) + tuple(get_method(method).backends)
     return None
 
 
@@ -345,7 +345,7 @@ def option_fields(method: str) -> list[OptionField]:
             default = REQUIRED
         annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         types = {t.strip() for t in annotation.split("|")} - {"None"}
-        choices = _choices(f.name)
+        choices = _choices(method, f.name)
         optional = "None" in {t.strip() for t in annotation.split("|")}
         if types == {"bool"}:
             kind = "bool"
@@ -598,9 +598,6 @@ def generate(p: Plan, method: str, progress=None, run_index: int = 0, num_runs: 
 
 # ========================================================================================== pattern
 
-_TEXT_FIRST = {"flux": True, "sd3": False, "unet": True, "wan": True, "hunyuan_video": False, "cogvideox": True}
-
-
 @dataclasses.dataclass
 class PatternContext:
     """What the pattern picture needs to redraw for another query."""
@@ -634,8 +631,7 @@ def pattern_context(p: Plan, result: RunResult, last_call) -> PatternContext:
     """The pattern of the plan's method on the first self-attention layer at the target size."""
     lay = p.layout
     frames = result.frames
-    text_first = _TEXT_FIRST.get(p.family, True)
-    ctx = PatternContext(p.pattern_core, p.method, p.options, lay.grid, lay.text_len, text_first, frames)
+    ctx = PatternContext(p.pattern_core, p.method, p.options, lay.grid, lay.text_len, lay.text_first, frames)
     if p.method == "moba":
         ctx.note = ("MoBA picks blocks from the data: the q and k drawn here are those of the first "
                     "self-attention layer, recorded from a full-attention forward on the input of the last "

@@ -62,9 +62,10 @@ def attention_core(method: str, options: dict | None, family: str, layer: int = 
         raise ValueError(f"method {method!r} does not support {family!r} models (it supports {list(m.families)})")
     opts = build_options(m, dict(options or {}))
     if method == "neighborhood":
+        from .families import get_family
         from .methods.neighborhood import core_kwargs
 
-        kwargs = core_kwargs(opts, family)
+        kwargs = core_kwargs(opts, get_family(family))
         return lambda q, k, v, *, grid, text_len, text_first: ops.neighborhood_attention(
             q, k, v, grid, text_len=text_len, text_first=text_first, **kwargs)
     if method == "clear":

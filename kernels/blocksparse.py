@@ -43,8 +43,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiling import EXTRA, IMAGE, PAD, TEXT
+
 MODE_NONE, MODE_BOX, MODE_CIRCLE, MODE_SELECT = 0, 1, 2, 3
-PAD_FLAG = 2
+PAD_FLAG = PAD
+# the slot flags of tiling.py as kernel constants
+_IMAGE_FLAG = tl.constexpr(IMAGE)
+_TEXT_FLAG = tl.constexpr(TEXT)
+_EXTRA_FLAG = tl.constexpr(EXTRA)
 
 
 @triton.jit
@@ -52,8 +58,8 @@ def _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, sel_off, SEL
              MODE: tl.constexpr, NDIM: tl.constexpr):
     qf = tl.load(QFLAG + offs_m)[:, None]
     kf = tl.load(KFLAG + offs_n)[None, :]
-    vis = (kf == 1) | ((kf == 3) & (qf == 0)) | ((kf == 0) & (qf == 1))
-    img = (kf == 0) & (qf == 0)
+    vis = (kf == _TEXT_FLAG) | ((kf == _EXTRA_FLAG) & (qf == _IMAGE_FLAG)) | ((kf == _IMAGE_FLAG) & (qf == _TEXT_FLAG))
+    img = (kf == _IMAGE_FLAG) & (qf == _IMAGE_FLAG)
     if MODE == 1:
         for a in tl.static_range(NDIM):
             lo = tl.load(QLO + offs_m * 3 + a)[:, None]
@@ -103,6 +109,7 @@ def _bs_fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, 
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    seen_bad = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     cnt = tl.load(KV_CNT + pid_bh * s_cnt + pid_m)
     for j in range(0, cnt):
@@ -116,13 +123,19 @@ def _bs_fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, 
             vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, pid_bh * s_sel, SEL_W,
                            MODE, NDIM)
             qk = tl.where(vis, qk, -1.0e30)
+            # a non-finite value reaches only the queries that see it: a masked probability is 0 and
+            # 0 * nan = nan, so zero such values here and count, per (query, channel), the visible ones
+            v_ok = tl.abs(v) < float("inf")
+            if tl.sum(tl.where(v_ok, 0, 1)) > 0:
+                seen_bad += tl.dot(vis.to(tl.float32), tl.where(v_ok, 0.0, 1.0), input_precision="ieee")
+                v = tl.where(v_ok, v, 0.0).to(v.dtype)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
-    acc = acc / l_i[:, None]
+    acc = tl.where(seen_bad > 0, float("nan"), acc / l_i[:, None])
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_d[None, :], acc.to(O.dtype.element_ty), mask=dmask)
     # rows that saw no key (padding slots) get lse=+inf so the backward gives them zero probability
     tl.store(LSE + pid_bh * SQ + offs_m, tl.where(m_i > -1.0e29, m_i + tl.log2(l_i), float("inf")))

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .blocksparse import (MODE_SELECT, BlockPlan, dynamic_tables, register_planner, sparse_attn_dyn_bwd,
                           sparse_attn_dyn_fwd)
-from .moba_ref import block_means, block_partition, image_slices, select_blocks
+from .moba_select import block_partition, gate_means, image_slices, select_blocks
 from .tiling import _BIG, IMAGE, PAD, TEXT, TileLayout
 
 # elements of the per-query selection [B, heads, N, n_blocks] handled at once
@@ -220,7 +220,7 @@ def _gate_fused(q, k, geo, part, topk, threshold):
     N, C = part.n_tokens, part.n_blocks
     ni, kblock = geo.n_img_kb, layout.block
     img, _ = image_slices(N, layout.text_len, layout.text_first)
-    kmean = block_means(k[:, img], part).contiguous()  # [B, H, C, D] fp32
+    kmean = gate_means(k[:, img], part).contiguous()  # [B, H, C, D] fp32
     words = (C + 31) // 32
     bits = torch.zeros(B, H, layout.num_slots, words, dtype=torch.int32, device=q.device)
     any_sel = torch.empty(B, H, ni, C, dtype=torch.int8, device=q.device)

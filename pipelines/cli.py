@@ -15,14 +15,14 @@ import torch
 
 import diffaccel
 from diffaccel.cli import DTYPES
+from diffaccel.registry import available_methods
 
 from . import load_pipeline
 from .media import save_media
 from .small import evaluate, resolve_small
 from .small import train as train_small
 
-
-GENERATE_METHODS = ("dense", "neighborhood", "clear", "linfusion", "moba")
+GENERATE_METHODS = ("dense", *available_methods())  # every registered method; "dense" = full attention
 
 
 def _peak_memory(device) -> str:
@@ -206,7 +206,7 @@ def register(sub):
                    help="small model name (small-flux, small-unet, small-wan), diffusers Hub id or folder "
                         "(default small-flux)")
     g.add_argument("--method", default="dense",
-                   help="dense, neighborhood, clear, linfusion or moba, optionally with options "
+                   help=f"{', '.join(GENERATE_METHODS)}, optionally with options "
                         "'method:key=value,...' (e.g. 'neighborhood:kernel_size=9'); small models get a default "
                         "setting when none is given")
     g.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",

@@ -58,7 +58,8 @@ def native_size(pipe) -> tuple[int, int]:
 class TokenLayout:
     """The first self-attention layer of a call: ``grid`` ``(H, W)`` or ``(T, H, W)``, ``text_len`` text tokens
     joined to it; ``heads``, ``width`` (= heads x head dim) and ``dtype`` of the denoiser's attention;
-    ``batch``: samples per denoiser call (classifier-free guidance doubles it)."""
+    ``batch``: samples per denoiser call (classifier-free guidance doubles it); ``text_first``: whether the text
+    tokens come before the grid in the joint sequence."""
 
     family: str
     grid: tuple
@@ -67,6 +68,7 @@ class TokenLayout:
     width: int
     dtype: torch.dtype
     batch: int
+    text_first: bool = True
 
     @property
     def tokens(self) -> int:
@@ -102,8 +104,9 @@ def denoiser_call(pipe, prompt="probe", **kwargs):
 
 
 def call_layout(model, family: str, args, kwargs):
-    """``(grids, text_len)`` of one denoiser call, by diffaccel's per-family layout rules."""
-    from diffaccel.layout import layout_fn
+    """``(grids, text_len, text_first)`` of one denoiser call, by the family's own layout rule
+    (``diffaccel.families``); ``text_first``: whether the text tokens come before the grid."""
+    from diffaccel.families import get_family
 
     params = list(inspect.signature(model.forward).parameters)
 
@@ -113,8 +116,10 @@ def call_layout(model, family: str, args, kwargs):
         i = params.index(name) if name in params else None
         return args[i] if i is not None and i < len(args) else None
 
-    layout = layout_fn(family)(model, get)
-    return layout.grids, int(layout.text_len or 0)
+    layout = get_family(family).layout(model, get)
+    split = layout.splits[0] if layout.splits else None
+    text_first = split is None or split.before != 0
+    return layout.grids, int(layout.text_len or 0), text_first
 
 
 def _attention_shape(model, family):
@@ -143,7 +148,7 @@ def token_layout(pipe, height: int, width: int, *, num_frames: int | None = None
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
     args, kw = denoiser_call(pipe, **kwargs)
-    grids, text_len = call_layout(model, family, args, kw)
+    grids, text_len, text_first = call_layout(model, family, args, kw)
     g = grids[0]
     # tokens per pixel of the native call, applied to the target size (time axis unchanged)
     gh = math.ceil(height * g[-2] / h0)
@@ -152,7 +157,7 @@ def token_layout(pipe, height: int, width: int, *, num_frames: int | None = None
     sample = next((a for a in list(args) + list(kw.values()) if isinstance(a, torch.Tensor) and a.dim() >= 3), None)
     batch = int(sample.shape[0]) if sample is not None else 1
     heads, width_ = _attention_shape(model, family)
-    return TokenLayout(family, grid, text_len, heads, width_, model.dtype, batch)
+    return TokenLayout(family, grid, text_len, heads, width_, model.dtype, batch, text_first)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -377,38 +377,42 @@ def resolve_options(options: dict) -> dict:
 
 
 def _family(pipe) -> str:
+    from diffaccel.api import denoisers
     from diffaccel.families import detect_family
 
-    return detect_family(pipe.denoiser if hasattr(pipe, "denoiser") else getattr(pipe, "transformer", None)
-                         or pipe.unet)
+    return detect_family(denoisers(pipe)[0][1])
+
+
+def native_grid(pipe) -> tuple:
+    """The token grid of a small pipeline at its native size: ``(H, W)`` (UNet: its first level), or
+    ``(T, H, W)`` for video."""
+    size = pipe.config.sample_size
+    patch = getattr(pipe.denoiser.config, "patch_size", 1) or 1
+    patch = tuple(patch) if isinstance(patch, (tuple, list)) else (1, patch, patch)
+    if _family(pipe) == "wan":
+        return (max(pipe.config.num_frames // int(patch[0]), 1), size // int(patch[1]), size // int(patch[2]))
+    side = size // 2  # the small image models see 16 x 16 tokens at their native size
+    return (side, side)
 
 
 def default_settings(pipe) -> list[Setting]:
-    """The method settings evaluated by default for a small pipeline (``dense`` excluded): each applicable method
-    at a few strengths, sized on the native token grid (16 x 16 image tokens; UNet levels 16 x 16 and 8 x 8;
-    video ``T x g x g``: windows of about ``g/2`` and ``g/4``, MoBA blocks of ``g/2 x g/2``)."""
-    fam = _family(pipe)
-    s = []
-    if fam == "wan":
-        pt, ph, _ = pipe.denoiser.config.patch_size
-        t, g = max(pipe.config.num_frames // int(pt), 1), pipe.config.sample_size // int(ph)
-        half, quarter = g // 2 + 1, g // 4 + 1  # odd windows: 9 and 5 on a 16-token side, 5 and 3 on 8
-        s += [Setting("neighborhood", dict(kernel_size=(t, half, half))),
-              Setting("neighborhood", dict(kernel_size=(min(3, t), quarter, quarter)))]
-        s += [Setting("moba", dict(block=(t, g // 2, g // 2), topk=2)),
-              Setting("moba", dict(partitions=[(None, g // 2, g // 2), (min(2, t), g // 2, g // 2)], topk=2))]
-        return s
-    s += [Setting("neighborhood", dict(kernel_size=9)), Setting("neighborhood", dict(kernel_size=5))]
-    if fam == "flux":
-        s += [Setting("clear", dict(radius=8)), Setting("clear", dict(radius=4, down_factor=4))]
-    if fam == "unet":
-        # LinFusion as initialised from the model (no training), and distilled (when shipped)
-        s += [Setting("linfusion", dict())]
-        from .pipeline import MODELS_DIR
+    """The method settings evaluated by default for a small pipeline (``dense`` excluded): each registered method
+    supporting the model's family at its ``default_settings`` sized on the native token grid (16 x 16 image tokens;
+    video ``T x g x g``), plus the shipped distilled LinFusion weights where they exist."""
+    from diffaccel.registry import methods
 
-        if os.path.isfile(os.path.join(MODELS_DIR, "small-unet-linfusion", "config.json")):
-            s += [Setting("linfusion", dict(weights="small-unet-linfusion"))]
-    s += [Setting("moba", dict(block=(8, 8), topk=2)), Setting("moba", dict(block=(4, 4), topk=4))]
+    fam = _family(pipe)
+    grid = native_grid(pipe)
+    s = []
+    for m in methods():
+        if fam not in m.families or m.default_settings is None:
+            continue
+        s += [Setting(m.name, dict(o)) for o in m.default_settings(grid)]
+        if m.name == "linfusion":  # the distilled layers shipped with the small UNet
+            from .pipeline import MODELS_DIR
+
+            if os.path.isfile(os.path.join(MODELS_DIR, "small-unet-linfusion", "config.json")):
+                s += [Setting("linfusion", dict(weights="small-unet-linfusion"))]
     return s
 
 

@@ -5,7 +5,7 @@
 
 Pick a model (the shipped small-flux, small-unet, small-wan; a local diffusers folder; a Hub id already in
 the local cache), a method among those the model supports and its options, a target size; Generate runs the
-high-resolution chain (or one stage when the chain is not installed), optionally also with full attention,
+high-resolution chain (``diffaccel.pipelines.highres``), optionally also with full attention,
 and shows the results, the time of every stage, the speedup, this run's peak memory, and which tokens a
 clicked query attends to under the method.  Offline: nothing is downloaded.
 """
@@ -20,7 +20,6 @@ import os
 import re
 import tempfile
 import threading
-import time
 import uuid
 from collections import OrderedDict
 
@@ -47,13 +46,10 @@ CSS = "#report table th, #report table td { white-space: nowrap; }"
 # Everything the demo takes from the library is reached through the functions of this section.
 
 
-def _generate_highres_fn():
-    """``(generate_highres, True)`` from ``diffaccel.pipelines.highres``, or the single-stage stand-in below."""
-    try:
-        from diffaccel.pipelines.highres import generate_highres
-    except ImportError:
-        return single_stage, False
-    return generate_highres, True
+def _generate_highres():
+    from diffaccel.pipelines.highres import generate_highres
+
+    return generate_highres
 
 
 def model_family(pipe) -> str:
@@ -123,74 +119,7 @@ def applied_method(pipe):
     return applied(probe.denoiser_of(pipe))
 
 
-# ============================================================================ single-stage stand-in
-
-
-@dataclasses.dataclass
-class StageInfo:
-    height: int
-    width: int
-    steps: int
-    seconds: float
-    method_label: str
-    strength: float | None = None
-
-
-@dataclasses.dataclass
-class HighresOutput:
-    images: list
-    stages: list
-    seconds: float
-    frames: list | None = None
-
-
-class _StepReporter:
-    """Calls ``step_callback(0, 1, step, steps)`` after every scheduler step of ``pipe`` while entered."""
-
-    def __init__(self, pipe, step_callback, steps):
-        self.pipe, self.callback, self.steps, self.count = pipe, step_callback, steps, 0
-
-    def __enter__(self):
-        original = self.pipe.scheduler.step
-
-        def step(*a, **kw):
-            out = original(*a, **kw)
-            self.count += 1
-            if self.callback is not None:
-                self.callback(0, 1, self.count, self.steps)
-            return out
-
-        self.pipe.scheduler.step = step
-        return self
-
-    def __exit__(self, *exc):
-        del self.pipe.scheduler.step
-        return False
-
-
-def single_stage(pipe, prompt, *, height, width, method="dense", options=None, first_stage_method=False,
-                 stages=None, strength=None, num_inference_steps=20, seed=0, guidance_scale=None,
-                 negative_prompt=None, num_frames=None, step_callback=None, tiled_vae=False, cpu_offload=False):
-    """``generate_highres``'s interface over today's single-stage path (``diffaccel generate``'s function), one
-    stage at the target size; used while ``diffaccel.pipelines.highres`` is not installed."""
-    from diffaccel.pipelines.cli import generate as generate_one
-
-    for name, value in (("stages", stages), ("strength", strength), ("tiled_vae", tiled_vae),
-                        ("cpu_offload", cpu_offload)):
-        if value:
-            raise ValueError(f"{name} needs the high-resolution chain (diffaccel.pipelines.highres), "
-                             "which this installation does not have")
-    opts = [f"{k}={v!r}" for k, v in (options or {}).items()]
-    with _StepReporter(pipe, step_callback, num_inference_steps):
-        # model name "": the options are always explicit here (no small-model default setting substituted)
-        result, seconds, _, label = generate_one(
-            "", method, opts, prompt, height=height, width=width, steps=num_inference_steps, seed=seed,
-            guidance_scale=guidance_scale, negative_prompt=negative_prompt, num_frames=num_frames, pipe=pipe)
-    stage = StageInfo(height, width, num_inference_steps, seconds, label)
-    frames = getattr(result, "frames", None)
-    if frames is not None:
-        return HighresOutput(images=[], frames=[_to_pil_frames(v) for v in frames], stages=[stage], seconds=seconds)
-    return HighresOutput(images=list(result.images), stages=[stage], seconds=seconds)
+# ============================================================================ media helpers
 
 
 def _to_pil_frames(video) -> list:
@@ -536,7 +465,7 @@ def _native_frames(pipe):
 @dataclasses.dataclass
 class RunResult:
     label: str
-    output: object  # HighresOutput
+    output: object  # diffaccel.pipelines.highres.HighresOutput
     peak: int
     peak_how: str
 
@@ -567,7 +496,7 @@ def generate(p: Plan, method: str, progress=None, run_index: int = 0, num_runs: 
     """One run of the chain with ``method`` (``"dense"`` or the plan's); ``progress(fraction, text)`` after
     every denoising step of every stage.  Returns ``(RunResult, last denoiser call or None)``."""
     req = p.request
-    gen, _ = _generate_highres_fn()
+    gen = _generate_highres()
     name = "full attention" if method == "dense" else p.method
 
     def on_step(stage, num_stages, step, steps):
@@ -801,7 +730,7 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
-def report(p: Plan, runs: list[RunResult], chain: bool) -> str:
+def report(p: Plan, runs: list[RunResult]) -> str:
     """Markdown: one row per stage (size, steps, strength, each run's seconds), totals, speedup, peak memory."""
     rows = ["| stage | size | steps | strength | " + " | ".join(r.label for r in runs) + " |",
             "|---" * (4 + len(runs)) + "|"]
@@ -826,9 +755,6 @@ def report(p: Plan, runs: list[RunResult], chain: bool) -> str:
         lines.append(f"Speedup over full attention: **{runs[0].output.seconds / runs[1].output.seconds:.2f}x**; "
                      f"PSNR to full attention {psnr(runs[0].frames[0], runs[1].frames[0]):.2f} dB.")
     lines.append(f"Estimated memory need at {p.height}x{p.width}: {p.estimate}.")
-    if not chain:
-        lines.append("One stage at the target size: the high-resolution chain (diffaccel.pipelines.highres) is "
-                     "not installed.")
     return "\n\n".join(lines)
 
 
@@ -838,7 +764,6 @@ def report(p: Plan, runs: list[RunResult], chain: bool) -> str:
 def run(req: Request, progress=None):
     """Plan and generate; returns ``(dense RunResult or None, method RunResult, report, PatternContext)``."""
     p = plan(req)
-    _, chain = _generate_highres_fn()
     compare = req.compare and p.method != "dense"
     n = 2 if compare else 1
     runs = []
@@ -847,7 +772,7 @@ def run(req: Request, progress=None):
     result, last = generate(p, p.method, progress, n - 1, n, keep_call=p.method == "moba")
     runs.append(result)
     ctx = pattern_context(p, result, last)
-    return (runs[0] if compare else None), result, report(p, runs, chain), ctx
+    return (runs[0] if compare else None), result, report(p, runs), ctx
 
 
 def _message(e: BaseException) -> str:
@@ -890,7 +815,6 @@ def build_demo(default_model: str = DEFAULT_MODEL):
     methods0, (h0, w0), video0, frames0, values0 = model_settings(default_model)
     method0 = _first_method(methods0)
     fields = {m: option_fields(m) for m in all_methods()}
-    _, chain = _generate_highres_fn()
 
     with gr.Blocks(title="diffaccel") as demo:
         gr.Markdown("# diffaccel: high-resolution generation\nA diffaccel attention pattern against full "
@@ -927,19 +851,15 @@ def build_demo(default_model: str = DEFAULT_MODEL):
                     guidance = gr.Textbox(value="", label="guidance scale", placeholder="pipeline default",
                                           elem_id="guidance")
                 with gr.Accordion("high-resolution chain", open=False):
-                    if not chain:
-                        gr.Markdown("The chain (diffaccel.pipelines.highres) is not installed: one stage at the "
-                                    "target size.")
                     with gr.Row():
                         stages = gr.Textbox(label="stages", placeholder="automatic: native size, then 2x steps",
-                                            info="sizes like 64x64, 128x128", interactive=chain)
+                                            info="sizes like 64x64, 128x128")
                         strength = gr.Textbox(label="strength", placeholder="the chain's schedule",
-                                              info="re-noising of the later stages, in (0, 1]", interactive=chain)
+                                              info="re-noising of the later stages, in (0, 1]")
                     with gr.Row():
-                        first_stage = gr.Checkbox(value=False, label="method on the first stage too",
-                                                  interactive=chain)
-                        tiled_vae = gr.Checkbox(value=False, label="tiled VAE", interactive=chain)
-                        offload = gr.Checkbox(value=False, label="CPU offload (accelerate)", interactive=chain)
+                        first_stage = gr.Checkbox(value=False, label="method on the first stage too")
+                        tiled_vae = gr.Checkbox(value=False, label="tiled VAE")
+                        offload = gr.Checkbox(value=False, label="CPU offload (accelerate)")
                 compare = gr.Checkbox(value=True, label="also run full attention, side by side", elem_id="compare")
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
                 status = gr.Markdown("", elem_id="status", min_height=60)

@@ -5,7 +5,7 @@ A model asked to sample far beyond its training size in one stage breaks (repeat
 layout).  The chain keeps every stage near sizes the model knows:
 
 1. stage 1 at the model's native size (the target's aspect ratio), text-to-image, full attention unless
-   ``first_stage_method``;
+   ``first_stage_method`` (or it is the only stage: a target at the native size);
 2. each later stage about 2x the previous one (or the given ``stages``) up to the target: the previous result is
    upscaled (pixels, bicubic; or the latents), re-noised to ``strength`` of the schedule and denoised by the
    pipeline's image-to-image counterpart (SDEdit) with the acceleration ``method`` applied.
@@ -582,7 +582,8 @@ def generate_highres(pipe, prompt, *, height, width, method="dense", options=Non
         method, options: ``"dense"`` (full attention), a diffaccel method (``"neighborhood"``, ``"clear"``, ...) with
             its options dict (small pipelines: the method's default setting when ``options`` is empty), or
             ``"freeswim"`` (Wan video: :class:`~diffaccel.pipelines.freeswim.FreeSwim`'s dual path; its options).
-        first_stage_method: apply the method to stage 1 too (default: stage 1 runs full attention).
+        first_stage_method: apply the method to stage 1 too (default: stage 1 runs full attention, unless it is
+            the only stage: a target at the native size gets the method).
         stages: explicit stage sizes (see :func:`plan_stages`); default native size, then 2x steps.
         strength: the re-noising strength of each upscale stage (a number, or one per upscale stage); default
             :func:`default_strengths`.
@@ -698,7 +699,7 @@ def generate_highres(pipe, prompt, *, height, width, method="dense", options=Non
     with contextlib.ExitStack() as applied, _memory_options(adapter, tiled_vae, cpu_offload):
         prev, method_on = None, False
         for i, (h, w) in enumerate(sizes):
-            use_method = method != "dense" and (i > 0 or first_stage_method)
+            use_method = method != "dense" and (i > 0 or first_stage_method or len(sizes) == 1)
             if use_method and not method_on:
                 applied.enter_context(_method_context(adapter, method, options))
                 method_on = True

@@ -173,10 +173,17 @@ def test_a_failure_during_generation_leaves_no_method_applied():
     app.run(_request(compare=False))  # and the next request runs
 
 
-def test_single_stage_refuses_chain_options_by_name():
-    pipe = app.load_model("small-flux")
-    with pytest.raises(ValueError, match="stages needs the high-resolution chain"):
-        app.single_stage(pipe, "x", height=32, width=32, stages=[(32, 32)])
+def test_a_target_above_the_native_size_runs_the_chain_stage_by_stage():
+    """64x64 on small-flux (native 32x32): the chain of diffaccel.pipelines.highres, two stages, the second with
+    the method applied; progress follows both stages and the report has a row per stage."""
+    steps = []
+    dense, result, md, _ = app.run(_request(height=64, width=64, compare=False),
+                                   progress=lambda f, text: steps.append(text))
+    assert [(s.height, s.width) for s in result.output.stages] == [(32, 32), (64, 64)]
+    assert result.output.stages[0].method_label == "dense" and result.output.stages[1].method_label != "dense"
+    assert result.frames[0].size == (64, 64)
+    assert any("stage 2/2" in t for t in steps)
+    assert "| 1 | 32x32 |" in md and "| 2 | 64x64 |" in md
 
 
 def test_click_maps_to_tokens():

@@ -4,8 +4,8 @@ and a dense-mask reference, in plain PyTorch.
 The image/video tokens of a grid ``(L,)``, ``(H, W)`` or ``(T, H, W)`` (row-major) are cut into
 blocks of ``block`` tokens per axis (border blocks may be smaller); blocks are numbered row-major
 over the block grid.  Each query scores every block with the dot product of the query and the
-block's mean key, in fp32 (no softmax scale), keeps its *own* block (the block holding its
-position) and a few of the best other blocks, and attends to every token of the chosen blocks.
+block's mean key (rounded to the inputs' dtype), accumulated in fp32 (no softmax scale), keeps its
+*own* block (the block holding its position) and a few of the best other blocks, and attends to every token of the chosen blocks.
 
 Selection rules (``topk`` or ``threshold``):
 
@@ -119,10 +119,12 @@ def block_means(x, part):
 
 def moba_gate(q_img, k_img, part, selection="query"):
     """fp32 gate scores: ``[B, H, N, n_blocks]`` (query / head selection) or ``[B, H, n_blocks, n_blocks]``
-    (tile selection: rows are query blocks scored with their mean query)."""
-    kmean = block_means(k_img, part)
+    (tile selection: rows are query blocks scored with their mean query).  Block means are rounded to
+    the inputs' dtype (as MoBA's own gate keeps them; fp32 inputs: unchanged), so that 16-bit inputs
+    can be scored on tensor cores; the products are accumulated in fp32."""
+    kmean = block_means(k_img, part).to(k_img.dtype).float()
     if selection == "tile":
-        rows = block_means(q_img, part)
+        rows = block_means(q_img, part).to(q_img.dtype).float()
     else:
         rows = q_img.float().permute(0, 2, 1, 3)
     return torch.matmul(rows, kmean.transpose(-1, -2))

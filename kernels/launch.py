@@ -1,0 +1,154 @@
+"""Launch settings of every Triton kernel: tile sizes, ``num_warps`` and ``num_stages`` per
+(GPU architecture, dtype, head dim), from the tables below.
+
+Every launcher asks :func:`cuda_arch` which GPU it launches for (``None``: Triton's CPU interpreter,
+where only the tile sizes matter) and takes its settings from :func:`attention_launch`,
+:func:`linear_launch` or :func:`gate_launch`.  The compile check (``compile_check.py``, run by the
+test suite) runs these launchers on CPU tensors under :func:`simulate_cuda` for sm_80, sm_90 and
+sm_100 and compiles every launch they make, so a setting that does not fit a GPU fails a test.
+
+Table rows are per *architecture class* (:func:`arch_class`): ``80`` serves Ampere, Ada and
+consumer Blackwell (its settings fit the 99 KB of shared memory of sm_86/89/120 as well as
+A100's 163 KB), ``90`` Hopper, ``100`` data-centre Blackwell.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Launch", "ARCHES", "SMEM_LIMIT", "arch_class", "attention_block", "attention_launch", "cuda_arch",
+           "gate_launch", "linear_launch", "simulate_cuda"]
+
+# architecture classes of the tables, and the shared memory one program may use on each (bytes):
+# sm_80's row must also fit sm_86/89/120 (99 KB), so it is checked against that
+ARCHES = (80, 90, 100)
+SMEM_LIMIT = {80: 101376, 90: 232448, 100: 232448}
+
+_simulated = None  # set by simulate_cuda (a plain global: torch.compile traces launchers that read it)
+
+
+def cuda_arch(device):
+    """The compute capability (``major * 10 + minor``) kernels for tensors on ``device`` are launched
+    for, or ``None`` when they run through Triton's CPU interpreter.  Inside :func:`simulate_cuda`:
+    the simulated architecture, whatever the device."""
+    if _simulated is not None:
+        return _simulated
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+@contextlib.contextmanager
+def simulate_cuda(arch):
+    """Launchers choose their CUDA settings for ``arch`` (e.g. 90) whatever their tensors' device
+    (for the compile check: the launches are recorded, never run)."""
+    global _simulated
+    previous, _simulated = _simulated, int(arch)
+    try:
+        yield
+    finally:
+        _simulated = previous
+
+
+def arch_class(arch):
+    """Table row of a compute capability: 100 (sm_100/103), 90 (sm_90), else 80."""
+    if arch in (100, 101, 103):
+        return 100
+    if arch == 90:
+        return 90
+    return 80
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel's launch: ``block`` (the tile the kernel owns), ``sub`` (the tile it streams the
+    other operand in), ``num_warps`` and ``num_stages``."""
+
+    block: int
+    sub: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def options(self, arch):
+        """Keyword arguments of the launch (none for the interpreter)."""
+        return {} if arch is None else {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def _kind(dtype):
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def _dim_class(head_dim):
+    # padded head dim (BLOCK_D) of the block-sparse kernels
+    return max(16, 1 << max(0, (int(head_dim) - 1).bit_length()))
+
+
+# ---------------------------------------------------------------------------------------------
+# block-sparse attention core (neighborhood, local, MoBA): forward, backward dK/dV, backward dQ
+# ---------------------------------------------------------------------------------------------
+
+# (arch class, dtype kind, padded head dim) -> default tile (slots per block) of the patterns
+_ATTN_BLOCK = {(a, kind, d): (128 if kind == "16bit" and d <= 128 else 64 if d <= 128 else 32)
+               for a in ARCHES for kind in ("16bit", "fp32") for d in (16, 32, 64, 128, 256)}
+
+# (arch class, dtype kind, padded head dim, block) -> {kernel: (sub, num_warps, num_stages)}
+_ATTN = {(a, kind, d, blk): {"fwd": (blk, 4 if blk * d < 128 * 128 else 8, 2),
+                             "dkdv": (blk, 4 if blk * d < 128 * 128 else 8, 2),
+                             "dq": (blk, 4 if blk * d < 128 * 128 else 8, 2)}
+         for a in ARCHES for kind in ("16bit", "fp32") for d in (16, 32, 64, 128, 256) for blk in (16, 32, 64, 128)}
+
+
+def attention_block(arch, dtype, head_dim):
+    """Default tile (slots per block) of the block-sparse core: 16 on the interpreter."""
+    if arch is None:
+        return 16
+    return _ATTN_BLOCK[arch_class(arch), _kind(dtype), min(_dim_class(head_dim), 256)]
+
+
+def attention_launch(arch, dtype, head_dim, kernel, block):
+    """:class:`Launch` of block-sparse ``kernel`` (``"fwd"``, ``"dkdv"``, ``"dq"``) for tiles of ``block``."""
+    if arch is None:
+        return Launch(block, block)
+    sub, warps, stages = _ATTN[arch_class(arch), _kind(dtype), min(_dim_class(head_dim), 256), block][kernel]
+    return Launch(block, sub, warps, stages)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear attention (LinFusion)
+# ---------------------------------------------------------------------------------------------
+
+# (arch class, dtype kind) -> {kernel: (tokens per tile, feature tile, num_warps, num_stages)}
+_LINEAR = {(a, kind): {k: (64, 64, 4, 2) for k in ("state", "output", "delta", "dstate", "dq", "dkv")}
+           for a in ARCHES for kind in ("16bit", "fp32")}
+
+
+def linear_launch(arch, dtype, kernel):
+    """:class:`Launch` of linear-attention ``kernel`` (``"state"``, ``"output"``, ``"delta"``, ``"dstate"``,
+    ``"dq"``, ``"dkv"``): ``block`` tokens per tile, ``sub`` the largest feature tile (head dims are
+    padded to a multiple of it; the same for every kernel of a call)."""
+    if arch is None:
+        return Launch(64, 64)
+    block, sub, warps, stages = _LINEAR[arch_class(arch), _kind(dtype)][kernel]
+    return Launch(block, sub, warps, stages)
+
+
+# ---------------------------------------------------------------------------------------------
+# MoBA gate
+# ---------------------------------------------------------------------------------------------
+
+# (arch class, dtype kind, padded head dim) -> (query rows per step, candidates per chunk, num_warps, num_stages)
+_GATE = {(a, kind, d): (16, 128 if kind == "16bit" else 64, 4, 1)
+         for a in ARCHES for kind in ("16bit", "fp32") for d in (16, 32, 64, 128, 256)}
+
+
+def gate_launch(arch, dtype, head_dim):
+    """:class:`Launch` of the MoBA gate: ``block`` query rows per step (divides every kernel block),
+    ``sub`` candidate blocks per chunk (a multiple of 32)."""
+    if arch is None:
+        return Launch(16, 32)
+    rows, chunk, warps, stages = _GATE[arch_class(arch), _kind(dtype), min(_dim_class(head_dim), 256)]
+    return Launch(rows, chunk, warps, stages)

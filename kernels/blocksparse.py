@@ -93,20 +93,22 @@ def _bs_fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, 
                    sm_scale, r2, s_tab, s_cnt, s_sel, SEL_W,
                    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
                    H, SQ, MAXK, D,
-                   BLOCK: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
-                   PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One query block of BLOCK slots; every key block of its table row in SUB-slot pieces."""
-    pid_m = tl.program_id(0)
+                   BLOCK: tl.constexpr, ROWS: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr,
+                   MODE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """ROWS query slots of one query block (of BLOCK slots); every key block of the block's table row
+    in SUB-slot pieces."""
+    pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_m = pid // (BLOCK // ROWS)
     b = pid_bh // H
     h = pid_bh % H
-    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_m = pid * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = (offs_d < D)[None, :]
     q = _load_tile(Q, b * s_qb + h * s_qh, offs_m, s_qs, offs_d, dmask, UPCAST)
-    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     cnt = tl.load(KV_CNT + pid_bh * s_cnt + pid_m)
     for t in range(0, cnt * (BLOCK // SUB)):
@@ -150,20 +152,22 @@ def _bs_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT, Q_FULL, Q
                         sm_scale, r2, s_tab, s_cnt, s_sel, SEL_W,
                         s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
                         H, SQ, MAXQ, D,
-                        BLOCK: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
-                        PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One key block of BLOCK slots; every query block of its (transposed) table row in SUB-slot pieces."""
-    pid_n = tl.program_id(0)
+                        BLOCK: tl.constexpr, ROWS: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr,
+                        MODE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """ROWS key slots of one key block (of BLOCK slots); every query block of the block's (transposed)
+    table row in SUB-slot pieces."""
+    pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_n = pid // (BLOCK // ROWS)
     b = pid_bh // H
     h = pid_bh % H
-    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    offs_n = pid * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = (offs_d < D)[None, :]
     k = _load_tile(K, b * s_kb + h * s_kh, offs_n, s_ks, offs_d, dmask, UPCAST)
     v = _load_tile(V, b * s_vb + h * s_vh, offs_n, s_vs, offs_d, dmask, UPCAST)
-    dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dk = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     cnt = tl.load(Q_CNT + pid_bh * s_cnt + pid_n)
     for t in range(0, cnt * (BLOCK // SUB)):
@@ -189,21 +193,23 @@ def _bs_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, KV_FULL, QFLA
                       sm_scale, r2, s_tab, s_cnt, s_sel, SEL_W,
                       s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
                       H, SQ, MAXK, D,
-                      BLOCK: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
-                      PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One query block of BLOCK slots; every key block of its table row in SUB-slot pieces."""
-    pid_m = tl.program_id(0)
+                      BLOCK: tl.constexpr, ROWS: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr,
+                      MODE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """ROWS query slots of one query block (of BLOCK slots); every key block of the block's table row
+    in SUB-slot pieces."""
+    pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_m = pid // (BLOCK // ROWS)
     b = pid_bh // H
     h = pid_bh % H
-    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_m = pid * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = (offs_d < D)[None, :]
     q = _load_tile(Q, b * s_qb + h * s_qh, offs_m, s_qs, offs_d, dmask, UPCAST)
     do = _load_tile(DO, b * s_db + h * s_dh, offs_m, s_ds, offs_d, dmask, UPCAST)
     lse = tl.load(LSE + pid_bh * SQ + offs_m)
     delta = tl.load(DELTA + pid_bh * SQ + offs_m)
-    dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     cnt = tl.load(KV_CNT + pid_bh * s_cnt + pid_m)
     for t in range(0, cnt * (BLOCK // SUB)):
@@ -221,8 +227,8 @@ def _bs_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, KV_FULL, QFLA
 
 
 def _prec(dtype):
-    # fp32 on tensor cores with three tf32 products (about fp32 accuracy); 16-bit inputs ignore it
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    # fp32 inputs: fp32 FMA products ("tf32x3" spills at every tile size, see launch.py); 16-bit: ignored
+    return "ieee"
 
 
 def _upcast(arch, dtype):
@@ -357,13 +363,13 @@ def _run_fwd(layout, plan, tabs, q, k, v, kx, vx, scale, block):
     lse = torch.empty((B, H, SQ), device=q.device, dtype=torch.float32)
     arch = cuda_arch(q.device)
     cfg = attention_launch(arch, q.dtype, D, "fwd", block)
-    _bs_fwd_kernel[(SQ // block, B * H)](
+    _bs_fwd_kernel[(SQ // cfg.rows, B * H)](
         qs, ks, vs, o, lse, tabs.kv_idx, tabs.kv_cnt, tabs.kv_full, plan.qflag, plan.kflag, plan.qlo, plan.qhi,
         plan.kpos, tabs.sel, scale, plan.r2, tabs.kv_stride, tabs.kv_cnt_stride, tabs.sel_stride, tabs.sel_words,
         qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         vs.stride(0), vs.stride(1), vs.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, SQ, tabs.kv_idx.shape[-1], D,
-        BLOCK=block, SUB=cfg.sub, BLOCK_D=max(16, triton.next_power_of_2(D)), MODE=plan.mode,
+        BLOCK=block, ROWS=cfg.rows, SUB=cfg.sub, BLOCK_D=max(16, triton.next_power_of_2(D)), MODE=plan.mode,
         PREC=_prec(q.dtype), UPCAST=_upcast(arch, q.dtype), **cfg.options(arch),
     )
     return layout.scatter(o), lse.index_select(2, layout.inv)
@@ -382,21 +388,20 @@ def _run_bwd(layout, plan, tabs, do, q, k, v, kx, vx, o, lse, scale, block):
     common = dict(BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(D)), MODE=plan.mode, PREC=_prec(q.dtype),
                   UPCAST=_upcast(arch, q.dtype))
 
-    def cfg(kernel):
-        c = attention_launch(arch, q.dtype, D, kernel, block)
-        return dict(SUB=c.sub, **c.options(arch))
+    dkdv = attention_launch(arch, q.dtype, D, "dkdv", block)
+    dqc = attention_launch(arch, q.dtype, D, "dq", block)
 
     strides = (qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
                vs.stride(0), vs.stride(1), vs.stride(2), dos.stride(0), dos.stride(1), dos.stride(2))
     meta = (plan.qflag, plan.kflag, plan.qlo, plan.qhi, plan.kpos, tabs.sel, scale, plan.r2)
-    _bs_bwd_dkdv_kernel[(ks.shape[1] // block, B * H)](
+    _bs_bwd_dkdv_kernel[(ks.shape[1] // dkdv.rows, B * H)](
         qs, ks, vs, dos, lses, delta, dk, dv, tabs.q_idx, tabs.q_cnt, tabs.q_full, *meta,
         tabs.q_stride, tabs.q_cnt_stride, tabs.sel_stride, tabs.sel_words,
-        *strides, H, SQ, tabs.q_idx.shape[-1], D, **common, **cfg("dkdv"))
-    _bs_bwd_dq_kernel[(SQ // block, B * H)](
+        *strides, H, SQ, tabs.q_idx.shape[-1], D, **common, ROWS=dkdv.rows, SUB=dkdv.sub, **dkdv.options(arch))
+    _bs_bwd_dq_kernel[(SQ // dqc.rows, B * H)](
         qs, ks, vs, dos, lses, delta, dq, tabs.kv_idx, tabs.kv_cnt, tabs.kv_full, *meta,
         tabs.kv_stride, tabs.kv_cnt_stride, tabs.sel_stride, tabs.sel_words,
-        *strides, H, SQ, tabs.kv_idx.shape[-1], D, **common, **cfg("dq"))
+        *strides, H, SQ, tabs.kv_idx.shape[-1], D, **common, ROWS=dqc.rows, SUB=dqc.sub, **dqc.options(arch))
     n = layout.num_slots
     grads = [layout.scatter(dq), layout.scatter(dk[:, :n]), layout.scatter(dv[:, :n])]
     if kx is not None:

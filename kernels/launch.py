@@ -65,13 +65,18 @@ def arch_class(arch):
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel's launch: ``block`` (the tile the kernel owns), ``sub`` (the tile it streams the
-    other operand in), ``num_warps`` and ``num_stages``."""
+    """One kernel's launch: ``block`` (its tile), ``rows`` (the rows of the tile one program owns),
+    ``sub`` (the tile it streams the other operand in), ``num_warps`` and ``num_stages``."""
 
     block: int
     sub: int
     num_warps: int = 4
     num_stages: int = 2
+    rows: int = 0
+
+    def __post_init__(self):
+        if not self.rows:
+            object.__setattr__(self, "rows", self.block)
 
     def options(self, arch):
         """Keyword arguments of the launch (none for the interpreter)."""
@@ -91,39 +96,64 @@ def _dim_class(head_dim):
 # block-sparse attention core (neighborhood, local, MoBA): forward, backward dK/dV, backward dQ
 # ---------------------------------------------------------------------------------------------
 
-# (arch class, dtype kind, padded head dim) -> default tile (slots per block) of the patterns
-_ATTN_BLOCK = {(a, kind, d): (128 if kind == "16bit" and d <= 128 else 64 if d <= 128 else 32)
-               for a in ARCHES for kind in ("16bit", "fp32") for d in (16, 32, 64, 128, 256)}
+# Tiles of the block-sparse core.  16-bit inputs: 128-slot blocks (tensor cores, fp32 accumulation);
+# the forward streams keys in 64-slot pieces with 8 warps (no spills on any architecture); the
+# backward kernels keep two fp32 accumulators per owned row (dK and dV), so on sm_80/sm_90 a program
+# owns half a block (64 key rows) of dK/dV, and sm_80's dQ too.  fp32 inputs multiply with fp32 FMAs
+# ("ieee": three-pass tf32 spills at any tile) on 64-slot blocks.  MoBA's smaller kernel blocks (16,
+# 32, 64 slots for small MoBA blocks) own every row.  Head dims above 128 (padded to 256) halve the
+# tiles.
 
-# (arch class, dtype kind, padded head dim, block) -> {kernel: (sub, num_warps, num_stages)}
-_ATTN = {(a, kind, d, blk): {"fwd": (blk, 4 if blk * d < 128 * 128 else 8, 2),
-                             "dkdv": (blk, 4 if blk * d < 128 * 128 else 8, 2),
-                             "dq": (blk, 4 if blk * d < 128 * 128 else 8, 2)}
-         for a in ARCHES for kind in ("16bit", "fp32") for d in (16, 32, 64, 128, 256) for blk in (16, 32, 64, 128)}
+# (arch class, dtype kind, head dim above 128) -> default tile (slots per block) of the patterns
+_ATTN_BLOCK = {(a, kind, wide): {"16bit": 128, "fp32": 64}[kind] // (2 if wide else 1)
+               for a in ARCHES for kind in ("16bit", "fp32") for wide in (False, True)}
+
+# (arch class, dtype kind, head dim above 128, block) -> {kernel: (rows, sub, num_warps, num_stages)}
+_ATTN = {
+    (80, "16bit", False, 128): {"fwd": (128, 64, 8, 2), "dkdv": (64, 32, 8, 2), "dq": (64, 32, 8, 2)},
+    (90, "16bit", False, 128): {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (128, 32, 8, 2)},
+    (100, "16bit", False, 128): {"fwd": (128, 64, 8, 3), "dkdv": (128, 32, 8, 3), "dq": (128, 32, 8, 2)},
+    (80, "fp32", False, 64): {"fwd": (64, 32, 8, 1), "dkdv": (64, 16, 8, 1), "dq": (64, 32, 8, 1)},
+    (90, "fp32", False, 64): {"fwd": (64, 32, 8, 1), "dkdv": (64, 16, 8, 1), "dq": (64, 32, 8, 2)},
+    (100, "fp32", False, 64): {"fwd": (64, 32, 8, 1), "dkdv": (64, 16, 8, 1), "dq": (64, 32, 8, 2)},
+}
+for _a in ARCHES:
+    for _blk in (16, 32, 64):
+        _ATTN[_a, "16bit", False, _blk] = {k: (_blk, min(_blk, 64), 4, 2) for k in ("fwd", "dkdv", "dq")}
+        _ATTN[_a, "16bit", True, _blk] = {"fwd": (_blk, min(_blk, 32), 8, 2), "dkdv": (min(_blk, 32), min(_blk, 32), 8, 1),
+                                          "dq": (min(_blk, 32), min(_blk, 32), 8, 1)}
+    for _blk in (16, 32):
+        _ATTN[_a, "fp32", False, _blk] = {k: (_blk, min(_blk, 32), 4, 1) for k in ("fwd", "dkdv", "dq")}
+        _ATTN[_a, "fp32", True, _blk] = {k: (_blk, 16, 8, 1) for k in ("fwd", "dkdv", "dq")}
 
 
 def attention_block(arch, dtype, head_dim):
     """Default tile (slots per block) of the block-sparse core: 16 on the interpreter."""
     if arch is None:
         return 16
-    return _ATTN_BLOCK[arch_class(arch), _kind(dtype), min(_dim_class(head_dim), 256)]
+    return _ATTN_BLOCK[arch_class(arch), _kind(dtype), _dim_class(head_dim) > 128]
 
 
 def attention_launch(arch, dtype, head_dim, kernel, block):
     """:class:`Launch` of block-sparse ``kernel`` (``"fwd"``, ``"dkdv"``, ``"dq"``) for tiles of ``block``."""
     if arch is None:
         return Launch(block, block)
-    sub, warps, stages = _ATTN[arch_class(arch), _kind(dtype), min(_dim_class(head_dim), 256), block][kernel]
-    return Launch(block, sub, warps, stages)
+    rows, sub, warps, stages = _ATTN[arch_class(arch), _kind(dtype), _dim_class(head_dim) > 128, block][kernel]
+    return Launch(block, sub, warps, stages, rows)
 
 
 # ---------------------------------------------------------------------------------------------
 # linear attention (LinFusion)
 # ---------------------------------------------------------------------------------------------
 
-# (arch class, dtype kind) -> {kernel: (tokens per tile, feature tile, num_warps, num_stages)}
-_LINEAR = {(a, kind): {k: (64, 64, 4, 2) for k in ("state", "output", "delta", "dstate", "dq", "dkv")}
-           for a in ARCHES for kind in ("16bit", "fp32")}
+# (arch class, dtype kind) -> {kernel: (tokens per tile, feature tile, num_warps, num_stages)}.
+# 16-bit: 64x64 tensor-core tiles (the state kernel with 8 warps: 4 spill on sm_100); fp32: FMA
+# products on 32-wide feature tiles with 8 warps (64-wide tiles spill on sm_80).
+_LINEAR = {}
+for _a in ARCHES:
+    _LINEAR[_a, "16bit"] = {k: (64, 64, 8 if k == "state" else 4, 2)
+                            for k in ("state", "output", "delta", "dstate", "dq", "dkv")}
+    _LINEAR[_a, "fp32"] = {k: (64, 32, 8, 2) for k in ("state", "output", "delta", "dstate", "dq", "dkv")}
 
 
 def linear_launch(arch, dtype, kernel):
@@ -141,7 +171,7 @@ def linear_launch(arch, dtype, kernel):
 # ---------------------------------------------------------------------------------------------
 
 # (arch class, dtype kind, padded head dim) -> (query rows per step, candidates per chunk, num_warps, num_stages)
-_GATE = {(a, kind, d): (16, 128 if kind == "16bit" else 64, 4, 1)
+_GATE = {(a, kind, d): (16, 128, 4, 1) if kind == "16bit" else (16, 32, 8, 1)
          for a in ARCHES for kind in ("16bit", "fp32") for d in (16, 32, 64, 128, 256)}
 
 
@@ -149,6 +179,20 @@ def gate_launch(arch, dtype, head_dim):
     """:class:`Launch` of the MoBA gate: ``block`` query rows per step (divides every kernel block),
     ``sub`` candidate blocks per chunk (a multiple of 32)."""
     if arch is None:
-        return Launch(16, 32)
+        return Launch(16, 64)
     rows, chunk, warps, stages = _GATE[arch_class(arch), _kind(dtype), min(_dim_class(head_dim), 256)]
     return Launch(rows, chunk, warps, stages)
+
+
+# ---------------------------------------------------------------------------------------------
+# spills the compile check accepts (bytes of spill stores per thread), with the reason
+# ---------------------------------------------------------------------------------------------
+
+# (kernel, arch class, dtype kind, padded head dim) -> bytes; 16-bit forward kernels never spill
+ALLOWED_SPILLS = {}
+
+
+def allowed_spills(kernel, arch, dtype, head_dim):
+    """Spill stores (bytes per thread) the compile check accepts for one configuration."""
+    kind = "fp32" if dtype == "fp32" else "16bit"
+    return ALLOWED_SPILLS.get((kernel, arch_class(arch), kind, head_dim), 0)

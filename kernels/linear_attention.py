@@ -284,8 +284,7 @@ def _splits(n_rows, block, programs_per_split):
 def _settings(q):
     """``(arch, dtype-dependent constexprs, launch of each kernel)`` of one call."""
     arch = cuda_arch(q.device)
-    prec = "tf32x3" if q.dtype == torch.float32 and arch is not None else "ieee"
-    consts = dict(PREC=prec, EMULATE=arch is None)
+    consts = dict(PREC="ieee", EMULATE=arch is None)
     return arch, consts, lambda kernel: linear_launch(arch, q.dtype, kernel)
 
 

@@ -142,14 +142,23 @@ GATE_MAX_BLOCKS = 1024
 
 
 @triton.jit
-def _gate_scores(qt, km_ptr, km_base, c0, offs_c, offs_d, C, D, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """Scores ``q . kmean`` of the rows ``qt`` against candidate blocks ``c0 + offs_c``, fp32."""
+def _gate_scores(q_rows, valid, km_ptr, km_base, c0, offs_c, C, D, BLOCK_D: tl.constexpr, KCH: tl.constexpr,
+                 UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Scores ``q . kmean`` of the query rows ``q_rows`` (row pointers, ``[BLOCK_M, 1]``) against candidate
+    blocks ``c0 + offs_c``, fp32, accumulated over head-dim pieces of ``KCH``."""
     cm = (c0 + offs_c) < C
-    km = tl.load(km_ptr + km_base + (c0 + offs_c)[:, None] * D + offs_d[None, :],
-                 mask=cm[:, None] & (offs_d[None, :] < D), other=0.0)
-    if UPCAST:
-        km = km.to(tl.float32)
-    return tl.dot(qt, tl.trans(km), input_precision=PREC)
+    s = tl.zeros([q_rows.shape[0], offs_c.shape[0]], dtype=tl.float32)
+    for d0 in range(0, BLOCK_D, KCH):
+        offs_d = d0 + tl.arange(0, KCH)
+        dm = (offs_d < D)[None, :]
+        qt = tl.load(q_rows + offs_d[None, :], mask=valid[:, None] & dm, other=0.0)
+        km = tl.load(km_ptr + km_base + (c0 + offs_c)[:, None] * D + offs_d[None, :], mask=cm[:, None] & dm,
+                     other=0.0)
+        if UPCAST:
+            qt = qt.to(tl.float32)
+            km = km.to(tl.float32)
+        s += tl.dot(qt, tl.trans(km), input_precision=PREC)
+    return s
 
 
 @triton.jit
@@ -168,7 +177,7 @@ def _moba_gate_kernel(q_ptr, km_ptr, slot_token_ptr, slot_valid_ptr, kb_mb_ptr, 
                       cut_idx_ptr, threshold, stride_qb, stride_qs, stride_qh, img_off, H, C, D, n_slots, n_words,
                       n_tiles, kblock, n_pick,
                       THRESH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                      UPCAST: tl.constexpr, PREC: tl.constexpr):
+                      KCH: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Gate and per-query selection of one query tile (``kblock`` image slots, all of one MoBA block) of
     one batch*head: scores ``q . kmean`` (fp32 accumulation), the own block plus the best others (top-k
     or VMoBA's threshold rule; ties: lower block first), written as selection bits per slot and as the
@@ -187,7 +196,6 @@ def _moba_gate_kernel(q_ptr, km_ptr, slot_token_ptr, slot_valid_ptr, kb_mb_ptr, 
     h = bh % H
     own = tl.load(kb_mb_ptr + tile)
     offs_c = tl.arange(0, BLOCK_C)
-    offs_d = tl.arange(0, BLOCK_D)
     km_base = bh * C * D
     one_chunk = C <= BLOCK_C
     cut_rows = cut_ptr + bh * n_slots * 3
@@ -195,10 +203,7 @@ def _moba_gate_kernel(q_ptr, km_ptr, slot_token_ptr, slot_valid_ptr, kb_mb_ptr, 
         offs_m = tile * kblock + r + tl.arange(0, BLOCK_M)
         tok = tl.load(slot_token_ptr + offs_m)
         valid = tl.load(slot_valid_ptr + offs_m) != 0
-        qt = tl.load(q_ptr + b * stride_qb + (img_off + tok)[:, None] * stride_qs + h * stride_qh + offs_d[None, :],
-                     mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-        if UPCAST:
-            qt = qt.to(tl.float32)
+        q_rows = q_ptr + b * stride_qb + (img_off + tok)[:, None] * stride_qs + h * stride_qh
         cv = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
         ci = tl.full([BLOCK_M], -1, dtype=tl.int32)
         lo = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -208,7 +213,7 @@ def _moba_gate_kernel(q_ptr, km_ptr, slot_token_ptr, slot_valid_ptr, kb_mb_ptr, 
             hi = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             lo = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
             for c0 in range(0, C, BLOCK_C):
-                s = _gate_scores(qt, km_ptr, km_base, c0, offs_c, offs_d, C, D, UPCAST, PREC)
+                s = _gate_scores(q_rows, valid, km_ptr, km_base, c0, offs_c, C, D, BLOCK_D, KCH, UPCAST, PREC)
                 cm = ((c0 + offs_c) < C)[None, :]
                 lo = tl.minimum(lo, tl.min(tl.where(cm, s, float("inf")), 1))
                 hi = tl.maximum(hi, tl.max(tl.where(cm, s, float("-inf")), 1))
@@ -217,7 +222,7 @@ def _moba_gate_kernel(q_ptr, km_ptr, slot_token_ptr, slot_valid_ptr, kb_mb_ptr, 
             total = tl.zeros([BLOCK_M], dtype=tl.float32)
             own_val = tl.zeros([BLOCK_M], dtype=tl.float32)
             for c0 in range(0, C, BLOCK_C):
-                s = _gate_scores(qt, km_ptr, km_base, c0, offs_c, offs_d, C, D, UPCAST, PREC)
+                s = _gate_scores(q_rows, valid, km_ptr, km_base, c0, offs_c, C, D, BLOCK_D, KCH, UPCAST, PREC)
                 idx = c0 + offs_c
                 g = tl.where((idx < C)[None, :], (s - lo[:, None]) / den[:, None], 0.0)
                 total += tl.sum(g, 1)
@@ -228,7 +233,7 @@ def _moba_gate_kernel(q_ptr, km_ptr, slot_token_ptr, slot_valid_ptr, kb_mb_ptr, 
             done = ~valid
             step = 0
             if one_chunk:
-                s = _gate_scores(qt, km_ptr, km_base, 0, offs_c, offs_d, C, D, UPCAST, PREC)
+                s = _gate_scores(q_rows, valid, km_ptr, km_base, 0, offs_c, C, D, BLOCK_D, KCH, UPCAST, PREC)
                 g = (s - lo[:, None]) / den[:, None]
                 cand = ((offs_c < C) & (offs_c != own))[None, :]
                 while (step < C - 1) & (tl.min(done.to(tl.int32), 0) == 0):
@@ -244,7 +249,7 @@ def _moba_gate_kernel(q_ptr, km_ptr, slot_token_ptr, slot_valid_ptr, kb_mb_ptr, 
                     bm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
                     bi = tl.full([BLOCK_M], 1 << 30, dtype=tl.int32)
                     for c0 in range(0, C, BLOCK_C):
-                        s = _gate_scores(qt, km_ptr, km_base, c0, offs_c, offs_d, C, D, UPCAST, PREC)
+                        s = _gate_scores(q_rows, valid, km_ptr, km_base, c0, offs_c, C, D, BLOCK_D, KCH, UPCAST, PREC)
                         idx = c0 + offs_c
                         g = (s - lo[:, None]) / den[:, None]
                         m, i = _gate_next(g, idx, ((idx < C) & (idx != own))[None, :], cv, ci)
@@ -259,7 +264,7 @@ def _moba_gate_kernel(q_ptr, km_ptr, slot_token_ptr, slot_valid_ptr, kb_mb_ptr, 
                     step += 1
         else:
             if one_chunk:
-                s = _gate_scores(qt, km_ptr, km_base, 0, offs_c, offs_d, C, D, UPCAST, PREC)
+                s = _gate_scores(q_rows, valid, km_ptr, km_base, 0, offs_c, C, D, BLOCK_D, KCH, UPCAST, PREC)
                 cand = ((offs_c < C) & (offs_c != own))[None, :]
                 for _ in range(n_pick):
                     cv, ci = _gate_next(s, offs_c, cand, cv, ci)
@@ -268,7 +273,7 @@ def _moba_gate_kernel(q_ptr, km_ptr, slot_token_ptr, slot_valid_ptr, kb_mb_ptr, 
                     bm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
                     bi = tl.full([BLOCK_M], 1 << 30, dtype=tl.int32)
                     for c0 in range(0, C, BLOCK_C):
-                        s = _gate_scores(qt, km_ptr, km_base, c0, offs_c, offs_d, C, D, UPCAST, PREC)
+                        s = _gate_scores(q_rows, valid, km_ptr, km_base, c0, offs_c, C, D, BLOCK_D, KCH, UPCAST, PREC)
                         idx = c0 + offs_c
                         m, i = _gate_next(s, idx, ((idx < C) & (idx != own))[None, :], cv, ci)
                         better = (m > bm) | ((m == bm) & (i < bi))
@@ -291,11 +296,8 @@ def _moba_gate_kernel(q_ptr, km_ptr, slot_token_ptr, slot_valid_ptr, kb_mb_ptr, 
             offs_m = tile * kblock + r + tl.arange(0, BLOCK_M)
             tok = tl.load(slot_token_ptr + offs_m)
             valid = tl.load(slot_valid_ptr + offs_m) != 0
-            qt = tl.load(q_ptr + b * stride_qb + (img_off + tok)[:, None] * stride_qs + h * stride_qh
-                         + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-            if UPCAST:
-                qt = qt.to(tl.float32)
-            s = _gate_scores(qt, km_ptr, km_base, c0, offs_c, offs_d, C, D, UPCAST, PREC)
+            q_rows = q_ptr + b * stride_qb + (img_off + tok)[:, None] * stride_qs + h * stride_qh
+            s = _gate_scores(q_rows, valid, km_ptr, km_base, c0, offs_c, C, D, BLOCK_D, KCH, UPCAST, PREC)
             cv = tl.load(cut_rows + offs_m * 3)
             lo = tl.load(cut_rows + offs_m * 3 + 1)
             den = tl.load(cut_rows + offs_m * 3 + 2)
@@ -336,12 +338,15 @@ def _gate_fused(q, k, geo, part, topk, threshold):
     n_pick = min(int(topk), C) - 1 if threshold is None else 0  # never more steps than other blocks
     arch = cuda_arch(q.device)
     cfg = gate_launch(arch, q.dtype, D)
+    block_d = max(16, triton.next_power_of_2(D))
+    # fp32 products run on FMAs, whose operands sit in registers: a head-dim piece of 8 at a time
     _moba_gate_kernel[(ni, B * H)](
         q, kmean, geo.slot_token, geo.slot_valid.to(torch.int8), geo.kb_mb, bits, any_sel, all_sel, cut, cut_idx,
         float(threshold if threshold is not None else 0.0), q.stride(0), q.stride(1), q.stride(2), img.start,
         H, C, D, layout.num_slots, words, ni, kblock, n_pick,
-        THRESH=threshold is not None, BLOCK_M=cfg.block, BLOCK_C=cfg.sub, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        UPCAST=arch is None, PREC="ieee", **cfg.options(arch),
+        THRESH=threshold is not None, BLOCK_M=cfg.block, BLOCK_C=cfg.sub, BLOCK_D=block_d,
+        KCH=min(block_d, 128) if q.dtype != torch.float32 else min(block_d, 8), UPCAST=arch is None, PREC="ieee",
+        **cfg.options(arch),
     )
     return any_sel.bool(), all_sel.bool(), bits
 

@@ -24,8 +24,11 @@ queries where the mode's test passes.
 
 Kernels: forward (online softmax, fp32 accumulation, log-sum-exp saved) and a
 FlashAttention-2 backward (dK/dV over the transposed table, dQ over the
-forward table).  They are registered as torch custom ops so ``torch.compile``
-treats them as single nodes.
+forward table).  A program owns ``ROWS`` rows of one block (all of it, or a
+part: fewer accumulator registers) and streams the blocks of its table row in
+``SUB``-slot pieces; tiles, ``num_warps`` and ``num_stages`` come from
+``launch.attention_launch`` per (architecture, dtype, head dim).  They are
+registered as torch custom ops so ``torch.compile`` treats them as single nodes.
 
 Block tables are either static (one table for every batch*head, built by a
 cached planner from the geometry: :func:`sparse_attention`) or dynamic (one

@@ -96,35 +96,42 @@ def _dim_class(head_dim):
 # block-sparse attention core (neighborhood, local, MoBA): forward, backward dK/dV, backward dQ
 # ---------------------------------------------------------------------------------------------
 
-# Tiles of the block-sparse core.  16-bit inputs: 128-slot blocks (tensor cores, fp32 accumulation);
-# the forward streams keys in 64-slot pieces with 8 warps (no spills on any architecture); the
-# backward kernels keep two fp32 accumulators per owned row (dK and dV), so on sm_80/sm_90 a program
-# owns half a block (64 key rows) of dK/dV, and sm_80's dQ too.  fp32 inputs multiply with fp32 FMAs
-# ("ieee": three-pass tf32 spills at any tile) on 64-slot blocks.  MoBA's smaller kernel blocks (16,
-# 32, 64 slots for small MoBA blocks) own every row.  Head dims above 128 (padded to 256) halve the
-# tiles.
+# Tiles of the block-sparse core, chosen with the compile check (no spills in any forward kernel,
+# shared memory within every target).  16-bit inputs: 128-slot blocks on tensor cores (fp32
+# accumulation); the forward streams keys in 64-slot pieces with 8 warps; the backward kernels keep
+# two fp32 accumulators per owned row (dK and dV), so on sm_80/sm_90 a program owns half a block (64
+# key rows) of dK/dV, and on sm_80 half a block of dQ.  fp32 inputs multiply with fp32 FMAs ("ieee":
+# three-pass tf32 spills at every tile size) on 64-slot blocks, in 32- or 16-row pieces.  MoBA's
+# smaller kernel blocks (16, 32, 64 slots for small MoBA blocks) have rows of their own.  Head dims
+# above 128 (padded to 256) take half the block.
 
 # (arch class, dtype kind, head dim above 128) -> default tile (slots per block) of the patterns
 _ATTN_BLOCK = {(a, kind, wide): {"16bit": 128, "fp32": 64}[kind] // (2 if wide else 1)
                for a in ARCHES for kind in ("16bit", "fp32") for wide in (False, True)}
 
-# (arch class, dtype kind, head dim above 128, block) -> {kernel: (rows, sub, num_warps, num_stages)}
-_ATTN = {
-    (80, "16bit", False, 128): {"fwd": (128, 64, 8, 2), "dkdv": (64, 32, 8, 2), "dq": (64, 32, 8, 2)},
-    (90, "16bit", False, 128): {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (128, 32, 8, 2)},
-    (100, "16bit", False, 128): {"fwd": (128, 64, 8, 3), "dkdv": (128, 32, 8, 3), "dq": (128, 32, 8, 2)},
-    (80, "fp32", False, 64): {"fwd": (64, 32, 8, 1), "dkdv": (64, 16, 8, 1), "dq": (64, 32, 8, 1)},
-    (90, "fp32", False, 64): {"fwd": (64, 32, 8, 1), "dkdv": (64, 16, 8, 1), "dq": (64, 32, 8, 2)},
-    (100, "fp32", False, 64): {"fwd": (64, 32, 8, 1), "dkdv": (64, 16, 8, 1), "dq": (64, 32, 8, 2)},
+# (dtype kind, head dim above 128, block) -> {kernel: (rows, sub, num_warps, num_stages)}, every arch
+_ATTN_ANY_ARCH = {
+    ("16bit", False, 64): {"fwd": (64, 64, 4, 2), "dkdv": (64, 32, 8, 2), "dq": (64, 32, 8, 2)},
+    ("16bit", False, 32): {"fwd": (32, 32, 4, 2), "dkdv": (32, 32, 8, 2), "dq": (32, 32, 4, 2)},
+    ("16bit", False, 16): {"fwd": (16, 16, 4, 2), "dkdv": (16, 16, 4, 2), "dq": (16, 16, 4, 2)},
+    ("16bit", True, 64): {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)},
+    ("16bit", True, 32): {"fwd": (32, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)},
+    ("16bit", True, 16): {"fwd": (16, 16, 8, 2), "dkdv": (16, 16, 8, 1), "dq": (16, 16, 8, 1)},
+    ("fp32", False, 64): {"fwd": (32, 16, 8, 2), "dkdv": (16, 16, 4, 1), "dq": (32, 16, 4, 1)},
+    ("fp32", False, 32): {"fwd": (32, 16, 8, 2), "dkdv": (16, 16, 4, 1), "dq": (32, 16, 4, 1)},
+    ("fp32", False, 16): {"fwd": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)},
+    ("fp32", True, 32): {"fwd": (32, 16, 8, 1), "dkdv": (16, 16, 8, 1), "dq": (32, 16, 8, 1)},
+    ("fp32", True, 16): {"fwd": (16, 16, 8, 1), "dkdv": (16, 16, 8, 1), "dq": (16, 16, 8, 1)},
 }
-for _a in ARCHES:
-    for _blk in (16, 32, 64):
-        _ATTN[_a, "16bit", False, _blk] = {k: (_blk, min(_blk, 64), 4, 2) for k in ("fwd", "dkdv", "dq")}
-        _ATTN[_a, "16bit", True, _blk] = {"fwd": (_blk, min(_blk, 32), 8, 2), "dkdv": (min(_blk, 32), min(_blk, 32), 8, 1),
-                                          "dq": (min(_blk, 32), min(_blk, 32), 8, 1)}
-    for _blk in (16, 32):
-        _ATTN[_a, "fp32", False, _blk] = {k: (_blk, min(_blk, 32), 4, 1) for k in ("fwd", "dkdv", "dq")}
-        _ATTN[_a, "fp32", True, _blk] = {k: (_blk, 16, 8, 1) for k in ("fwd", "dkdv", "dq")}
+# 16-bit, head dim up to 128, 128-slot blocks: per architecture
+_ATTN_128 = {
+    80: {"fwd": (128, 64, 8, 2), "dkdv": (64, 32, 8, 2), "dq": (64, 32, 8, 2)},
+    90: {"fwd": (128, 64, 8, 3), "dkdv": (64, 32, 8, 2), "dq": (128, 32, 8, 2)},
+    100: {"fwd": (128, 64, 8, 3), "dkdv": (128, 32, 8, 3), "dq": (128, 32, 8, 2)},
+}
+# (arch class, dtype kind, head dim above 128, block) -> {kernel: (rows, sub, num_warps, num_stages)}
+_ATTN = {(a, *key): row for a in ARCHES for key, row in _ATTN_ANY_ARCH.items()}
+_ATTN.update({(a, "16bit", False, 128): row for a, row in _ATTN_128.items()})
 
 
 def attention_block(arch, dtype, head_dim):

@@ -9,10 +9,11 @@ Maths (see :mod:`linear_attention_ref` for the plain definition), per batch
 Forward, two passes:
 
 1. ``_state_kernel``: one pass over k/v.  Program ``(bh, split, d-tile)``
-   applies the feature map, scales it by ``1/N`` *before* accumulating (so the
-   fp32 state never grows with the sequence length) and accumulates a
-   ``[BLOCK_D, BLOCK_D]`` tile of ``S`` and the matching slice of ``z`` over its
-   share of the sequence.  The per-split partial states are summed afterwards.
+   applies the feature map and accumulates a ``[BLOCK_D, BLOCK_D]`` tile of
+   ``S`` and the matching slice of ``z`` over its share of the sequence in fp32,
+   scaled by ``1/N`` at the end (fp32 sums of fp16/bf16 products cannot
+   overflow; ``phi(k) / N`` itself could be subnormal in fp16).  The per-split
+   partial states are summed afterwards.
 2. ``_output_kernel``: program ``(bh, q-tile, dv-tile)`` computes
    ``phi(q) S / den``; it also stores ``den`` (fp32, ``[B*H, Sq]``) for the backward.
 
@@ -27,9 +28,13 @@ shape as the forward state), ``_dq_kernel`` and ``_dkv_kernel``.
 
 Head dims are padded to a multiple of ``BLOCK_D`` (a power of two, >= 16);
 padded feature columns are forced to ``phi = 0`` so they contribute nothing.
-All tensors are read through their strides (non-contiguous inputs are fine);
-every product is accumulated in fp32 (``input_precision="ieee"``), outputs are
-stored in q's dtype.
+All tensors are read through their strides (non-contiguous inputs are fine).
+Matrix products take their operands in the inputs' dtype (fp16/bf16: tensor
+cores; the fp32 features and states are rounded to it) and accumulate in fp32;
+fp32 inputs multiply in fp32 (``input_precision="ieee"``).  The feature map
+keeps NaN (a NaN query gives a NaN output row, a NaN key NaN everywhere, as the
+reference).  Outputs are stored in q's dtype; tiles and launch settings come
+from ``launch.linear_launch``.
 
 The kernels are exposed as two ``torch.library`` custom ops
 (``diffaccel::linear_attention_fwd`` / ``diffaccel::linear_attention_bwd``)

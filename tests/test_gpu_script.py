@@ -66,7 +66,8 @@ def test_report_fails_and_summary_shows_a_failed_check(tmp_path):
     assert gc.main(["report", "--bench", str(bench), "--correctness", str(corr), "--out", str(out)]) == 0
 
 
-@pytest.mark.parametrize("name,slug", [("NVIDIA H200", "nvidia-h200"), ("NVIDIA A100-SXM4-80GB", "nvidia-a100-sxm4-80gb")])
+@pytest.mark.parametrize("name,slug", [("NVIDIA H200", "nvidia-h200"),
+                                       ("NVIDIA A100-SXM4-80GB", "nvidia-a100-sxm4-80gb")])
 def test_results_file_is_named_after_the_gpu(monkeypatch, name, slug):
     import torch
 

@@ -3,7 +3,7 @@
     pip install -e ".[demo]"
     python app.py                      # http://127.0.0.1:7860
 
-Offline by default: the small shapes models shipped in ``pipelines/models``
+Offline by default: the small shapes models shipped in ``pipelines/small/models``
 (``small-flux``, ``small-unet``); a local diffusers pipeline folder or a Hub id
 already in the local cache works too.
 """
@@ -13,7 +13,7 @@ import argparse
 
 import numpy as np
 
-from diffaccel.pipelines import small
+from diffaccel.pipelines import load_pipeline
 from diffaccel.pipelines.cli import GENERATE_METHODS, generate
 
 MODELS = ("small-flux", "small-unet")
@@ -23,7 +23,7 @@ _PIPES = {}
 
 def _pipe(model):
     if model not in _PIPES:
-        _PIPES[model] = small.load_pipeline(model)
+        _PIPES[model] = load_pipeline(model)
     return _PIPES[model]
 
 

@@ -1,7 +1,7 @@
 """diffaccel: fast attention patterns for Hugging Face diffusers."""
 from . import ops
-from .api import apply, remove
-from .layout import track_layout
+from .api import apply, remove, trainable_parameters
+from .context import track_layout
 
 __version__ = "0.1.0"
-__all__ = ["ops", "apply", "remove", "track_layout", "__version__"]
+__all__ = ["ops", "apply", "remove", "trainable_parameters", "track_layout", "__version__"]

@@ -16,26 +16,30 @@ from __future__ import annotations
 
 import torch
 
-from .families import check_stock_processors, detect_family, select_layers
-from .layout import get_tracker, track_layout, untrack_layout
+from ._validate import resolve_backend
+from .context import StepCounter, get_tracker, track_layout, untrack_layout
+from .families import check_stock_processors, detect_family, normalize_patterns, select_layers
 from .registry import build_options, get_method
 
-__all__ = ["apply", "remove", "applied_method"]
+__all__ = ["apply", "remove", "applied_method", "applied_state", "denoisers", "trainable_parameters"]
 
 _STATE_ATTR = "_diffaccel_applied"
 
 
 class _Applied:
-    __slots__ = ("method", "options", "layers", "undo", "owns_tracker")
+    """What :func:`apply` did to one denoiser (``applied_state(model)``)."""
 
-    def __init__(self, method, options, layers, undo, owns_tracker):
-        self.method, self.options, self.layers, self.undo, self.owns_tracker = method, options, layers, undo, owns_tracker
+    __slots__ = ("method", "options", "layers", "undo", "owns_tracker", "steps")
+
+    def __init__(self, method, options, layers, undo, owns_tracker, steps):
+        self.method, self.options, self.layers, self.undo = method, options, layers, undo
+        self.owns_tracker, self.steps = owns_tracker, steps
 
 
-def _denoisers(pipe_or_model) -> list[tuple[str, torch.nn.Module]]:
-    """``[(label, model)]``: the model itself, or the denoisers of a pipeline."""
+def denoisers(pipe_or_model) -> list[tuple[str, torch.nn.Module]]:
+    """``[(label, model)]``: the model itself (the model a ``torch.compile`` wrapper holds), or the
+    denoisers of a pipeline (``unet``, ``transformer``, ``transformer_2`` ...)."""
     if isinstance(pipe_or_model, torch.nn.Module):
-        # a torch.compile'd model: patch the model it wraps
         return [("", getattr(pipe_or_model, "_orig_mod", pipe_or_model))]
     config = getattr(pipe_or_model, "config", None)
     if config is None or not hasattr(pipe_or_model, "register_modules"):
@@ -54,61 +58,72 @@ def _denoisers(pipe_or_model) -> list[tuple[str, torch.nn.Module]]:
     return found
 
 
+def applied_state(model) -> _Applied | None:
+    """What :func:`apply` did to a denoiser ``model`` (method, options, patched layer names), or ``None``."""
+    return model.__dict__.get(_STATE_ATTR)
+
+
 def applied_method(model) -> str | None:
     """Name of the diffaccel method applied to a denoiser ``model``, or ``None``."""
-    state = model.__dict__.get(_STATE_ATTR)
+    state = applied_state(model)
     return None if state is None else state.method
+
+
+def _device(model):
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def apply(pipe_or_model, method: str, *, layers=None, **options):
     """Switch the self-attention of a pipeline's denoiser(s) to ``method``.
 
     Args:
-        pipe_or_model: a ``DiffusionPipeline`` (its ``unet`` / ``transformer*`` are
-            patched) or a denoiser model (``UNet2DConditionModel``,
-            ``FluxTransformer2DModel``, ``SD3Transformer2DModel``,
-            ``WanTransformer3DModel``, ``HunyuanVideoTransformer3DModel``,
-            ``CogVideoXTransformer3DModel``).  Anything else: ``ValueError`` naming it.
+        pipe_or_model: a ``DiffusionPipeline`` (its ``unet`` / ``transformer*`` are patched: Wan 2.2's
+            two experts both) or a denoiser model of a supported family (``diffaccel.families``).
+            Anything else: ``ValueError`` naming it.
         method: a registered method name (``diffaccel.registry.available_methods()``),
             e.g. ``"neighborhood"``.
-        layers: ``None`` (every self-attention layer of the family, see
-            ``diffaccel.families``) or fnmatch glob pattern(s) on the qualified
-            attention-module names, e.g. ``"transformer_blocks.*"`` or
-            ``["down_blocks.1", "mid_block.*"]``; a pattern naming a module
-            selects the attention layers below it.  Each pattern must match at
-            least one self-attention layer.
-        **options: the method's options (e.g. ``kernel_size=`` for
-            "neighborhood"); an unknown option is a ``ValueError`` naming it.
+        layers: ``None`` (every self-attention layer of the family) or fnmatch glob pattern(s) on the
+            qualified attention-module names, e.g. ``"transformer_blocks.*"`` or
+            ``["down_blocks.1", "mid_block.*"]``; a pattern naming a module selects the attention
+            layers below it.  Each pattern must match at least one self-attention layer.
+        **options: the method's options (e.g. ``kernel_size=`` for "neighborhood"); an unknown option
+            is a ``ValueError`` naming it.
 
-    The token layout of every call is tracked automatically
-    (``diffaccel.track_layout``), so any resolution, aspect ratio, batch size
-    and classifier-free guidance work without re-applying.  Applying to a model
-    that already has a method is a ``ValueError``: :func:`remove` first.
+    The token layout of every call is tracked automatically (``diffaccel.track_layout``), so any
+    resolution, aspect ratio, batch size and classifier-free guidance work without re-applying.
+    Applying to a model that already has a method is a ``ValueError``: :func:`remove` first.
 
     Returns ``pipe_or_model``.
     """
+    if not isinstance(method, str):
+        raise ValueError(f"method must be a method name (str), one of diffaccel.registry.available_methods(); "
+                         f"got {method!r}")
     m = get_method(method)
     opts = build_options(m, options)
-    targets = _denoisers(pipe_or_model)
+    targets = denoisers(pipe_or_model)
+    patterns = None if layers is None else normalize_patterns(layers)  # read a generator once
 
     # 1. check everything before changing anything
     plans = []
     used_patterns = set()
     for label, model in targets:
-        family = detect_family(model)
-        if family not in m.families:
-            raise ValueError(f"method {method!r} does not support {type(model).__name__} (family {family!r})")
+        family = detect_family(model, record=True)
+        if family.name not in m.families:
+            raise ValueError(f"method {method!r} does not support {type(model).__name__} (family {family.name!r}); "
+                             f"it supports {list(m.families)}")
         if applied_method(model) is not None:
             raise ValueError(
                 f"{type(model).__name__} already has diffaccel method {applied_method(model)!r} applied; "
                 "call diffaccel.remove(...) first"
             )
-        selected, used = select_layers(model, family, layers)
+        if getattr(opts, "backend", None) is not None:
+            resolve_backend(opts.backend, _device(model), m.backends)
+        selected, used = select_layers(model, family, patterns)
         used_patterns |= used
         check_stock_processors(family, selected)
         plans.append((label, model, family, selected))
-    if layers is not None:
-        patterns = [layers] if isinstance(layers, str) else list(layers)
+    if patterns is not None:
         unused = [p for p in patterns if p not in used_patterns]
         if unused:
             examples = [n for _, model, family, _ in plans for n, _ in select_layers(model, family)[0]][:4]
@@ -119,6 +134,7 @@ def apply(pipe_or_model, method: str, *, layers=None, **options):
         raise ValueError("no self-attention layer to patch")
 
     # 2. install (each install builds every processor before swapping); undo all on failure
+    steps = StepCounter() if m.counts_steps(opts) else None  # one count for every denoiser of the pipeline
     done = []
     try:
         for label, model, family, selected in plans:
@@ -127,11 +143,14 @@ def apply(pipe_or_model, method: str, *, layers=None, **options):
             undo = m.install(model, family, opts, selected)
             owns = get_tracker(model) is None
             try:
-                track_layout(model)
+                tracker = track_layout(model)
             except BaseException:
                 undo()
                 raise
-            state = _Applied(method, opts, [n for n, _ in selected], undo, owns)
+            previous = (tracker.steps, tracker.count_steps)
+            if steps is not None:
+                tracker.steps, tracker.count_steps = steps, True
+            state = _Applied(method, opts, [n for n, _ in selected], undo, owns, previous)
             model.__dict__[_STATE_ATTR] = state
             done.append(model)
     except BaseException:
@@ -146,8 +165,11 @@ def _remove_one(model) -> bool:
     if state is None:
         return False
     state.undo()
+    tracker = get_tracker(model)
     if state.owns_tracker:
         untrack_layout(model)
+    elif tracker is not None:
+        tracker.steps, tracker.count_steps = state.steps
     return True
 
 
@@ -156,6 +178,28 @@ def remove(pipe_or_model) -> bool:
     that ``apply`` installed (a tracker installed earlier by the user is kept), so outputs are
     bit-identical to before.  Returns whether anything was removed (no method applied: no-op)."""
     removed = False
-    for _, model in _denoisers(pipe_or_model):
+    for _, model in denoisers(pipe_or_model):
         removed |= _remove_one(model)
     return removed
+
+
+def trainable_parameters(pipe_or_model) -> list:
+    """The parameters a distillation trains for the method applied to ``pipe_or_model``'s denoiser(s)
+    (each method's ``trainable_parameters``, see ``diffaccel.registry``): LinFusion's layers; CLEAR's
+    image-stream projections and pooling weights; the attention projections of the patched layers for
+    "neighborhood" and "moba".  ``ValueError`` when no method is applied."""
+    params, seen = [], set()
+    found = False
+    for _, model in denoisers(pipe_or_model):
+        state = applied_state(model)
+        if state is None:
+            continue
+        found = True
+        layers = [(n, model.get_submodule(n)) for n in state.layers]
+        for p in get_method(state.method).trainable_parameters(model, layers):
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    if not found:
+        raise ValueError("no diffaccel method is applied: diffaccel.apply(...) first")
+    return params

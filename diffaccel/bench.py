@@ -16,7 +16,6 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from . import ops
 from ._validate import flex_available, triton_available
@@ -38,92 +37,38 @@ class Case:
         return math.prod(self.grid) + self.text_len
 
 
-# --- densities (exact counts of visible query-key pairs) -----------------------------------------
+# --- the ops, from the method registry -------------------------------------------------------------
 
-def _pairs_neighborhood(case):
-    from .kernels.neighborhood_ref import axis_window_start
+def specs() -> dict:
+    """``{op name: BenchSpec}`` of every registered method with a bench spec."""
+    from .registry import methods
 
-    grid, ks, dil, st = ops.neighborhood_params(case.grid, case.params["kernel_size"], case.params.get("dilation", 1),
-                                                case.params.get("stride", 1))
-    img = 1
-    for n, k, d, s in zip(grid, ks, dil, st):
-        _, length = axis_window_start(n, k, d, s)
-        img *= int(length.sum())
-    n, t = math.prod(grid), case.text_len
-    return img + 2 * n * t + t * t
+    return {m.bench.op: m.bench for m in methods() if m.bench is not None}
 
 
-def _pairs_local(case):
-    h, w = case.grid
-    r = float(case.params["radius"])
-    img = 0
-    ri = math.ceil(r)
-    for dy in range(-ri + 1, ri):
-        rem = r * r - dy * dy
-        if rem <= 0 or abs(dy) >= h:
-            continue
-        half = math.ceil(math.sqrt(rem)) - 1  # largest dx with dx^2 < rem
-        while (half + 1) ** 2 < rem:
-            half += 1
-        while half >= 0 and half * half >= rem:
-            half -= 1
-        xs = sum(max(w - abs(dx), 0) for dx in range(-half, half + 1))
-        img += (h - abs(dy)) * xs
-    n, t = h * w, case.text_len
-    d = case.params.get("down_factor")
-    pooled = n * math.ceil(h / d) * math.ceil(w / d) if d else 0
-    return img + pooled + 2 * n * t + t * t
+def bench_ops() -> list[str]:
+    """The op names ``diffaccel bench --op`` accepts."""
+    return sorted(specs())
 
 
-def _pairs_moba(case):
-    n, t = math.prod(case.grid), case.text_len
-    blocks = [math.ceil(g / b) for g, b in zip(case.grid, _per_axis(case.params["block"], len(case.grid)))]
-    nb = math.prod(blocks)
-    keep = min(case.params.get("topk", nb), nb)
-    return int(n * n * keep / nb) + 2 * n * t + t * t  # uniform-block estimate
-
-
-def _per_axis(x, nd):
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,) * nd
+def _spec(op):
+    table = specs()
+    if op not in table:
+        raise ValueError(f"unknown op {op!r}; bench ops: {sorted(table)}")
+    return table[op]
 
 
 def visible_pairs(case):
-    if case.op == "neighborhood":
-        return _pairs_neighborhood(case)
-    if case.op == "local":
-        return _pairs_local(case)
-    if case.op == "moba":
-        return _pairs_moba(case)
-    return case.tokens ** 2  # linear attention: report against dense
+    """Visible query-key pairs of ``case`` (its pattern's density times tokens squared)."""
+    return _spec(case.op).pairs(case)
 
-
-# --- running ops ---------------------------------------------------------------------------------
 
 def _run_op(case, backend, q, k, v):
-    p = dict(case.params)
-    if case.op == "neighborhood":
-        return ops.neighborhood_attention(q, k, v, case.grid, text_len=case.text_len, backend=backend, **p)
-    if case.op == "local":
-        return ops.local_attention(q, k, v, case.grid, text_len=case.text_len, backend=backend, **p)
-    if case.op == "moba":
-        return ops.moba_attention(q, k, v, case.grid, text_len=case.text_len, backend=backend, **p)
-    if case.op == "linear":
-        return ops.linear_attention(q, k, v, backend=backend)
-    raise ValueError(f"unknown op {case.op!r}")
-
-
-def _moba_gate(case, q, k):
-    """Everything the Triton MoBA op does before the attention kernel."""
-    from .kernels.moba_triton import gate_tables, kernel_block
-
-    p = dict(case.params)
-    grid, block, topk, threshold, selection = ops.moba_params(case.grid, p["block"], p.get("topk"),
-                                                               p.get("threshold"), p.get("selection", "query"))
-    return gate_tables(q, k, grid, block, topk, threshold, selection, case.text_len, True, kernel_block(block, q))
+    return _spec(case.op).run(case, backend, q, k, v)
 
 
 def _dense(q, k, v):
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return ops.dense_attention(q, k, v)
 
 
 def _release_freed_memory():
@@ -198,9 +143,6 @@ def _measure(fn, device, warmup, repeat):
     return statistics.median(times), peak
 
 
-FLEX_OPS = ("neighborhood", "local")  # ops with a FlexAttention backend (the same mask as our kernels)
-
-
 def _flex_same_pattern(case, q, k, v):
     """FlexAttention with the op's own mask, when the op has a flex backend."""
     return _run_op(case, "flex", q, k, v)
@@ -233,12 +175,13 @@ def run_case(case, device, dtype, backends=None, warmup=1, repeat=3, baselines=(
         if b == "flex":
             continue  # reported as the FlexAttention baseline below
         add(b, lambda b=b: _run_op(case, b, q, k, v))
-    if "flex" in baselines and case.op in FLEX_OPS and flex_available(device):
+    spec = _spec(case.op)
+    if "flex" in baselines and spec.flex and flex_available(device):
         add("flex", lambda: _flex_same_pattern(case, q, k, v))
-    for r in rows:  # MoBA on Triton: the share of the gate (scores, selection, tables) in the op's time
-        if case.op == "moba" and r["backend"] == "triton" and "time_ms" in r:
+    for r in rows:  # e.g. MoBA on Triton: the share of the gate (scores, selection, tables) in the op's time
+        if spec.gate is not None and r["backend"] == "triton" and "time_ms" in r:
             with torch.no_grad():
-                t_gate, _ = _measure(lambda: _moba_gate(case, q, k), device, warmup, repeat)
+                t_gate, _ = _measure(lambda: spec.gate(case, q, k), device, warmup, repeat)
             r["gate_ms"] = t_gate * 1e3
             r["gate_share"] = t_gate * 1e3 / r["time_ms"]
     dense = next((r["time_ms"] for r in rows if r["backend"] == "dense-sdpa" and "time_ms" in r), None)
@@ -254,47 +197,15 @@ def _available_backends(case, device):
 
 # --- default suites -------------------------------------------------------------------------------
 
-def default_cases(device, ops_wanted=("neighborhood", "local", "moba", "linear")):
+def default_cases(device, ops_wanted=None):
+    """The default suite of ``ops_wanted`` (default: every bench op of the registry) on ``device``."""
     cuda = torch.device(device).type == "cuda"
-    cases = []
-    if "neighborhood" in ops_wanted:
-        if cuda:
-            for name, n in (("flux-1k", 64), ("flux-2k", 128), ("flux-4k", 256)):
-                cases.append(Case(f"na2d-{name}-w{min(80, n)}", "neighborhood", (n, n), 24, 128, 512,
-                                  params=dict(kernel_size=min(80, n))))
-            cases.append(Case("na2d-flux-4k-w80-s16", "neighborhood", (256, 256), 24, 128, 512,
-                              params=dict(kernel_size=80, stride=16)))
-            for name, grid in (("wan-480p", (21, 30, 52)), ("wan-720p", (21, 45, 80))):
-                cases.append(Case(f"na3d-{name}", "neighborhood", grid, 12, 128, 0,
-                                  params=dict(kernel_size=(9, 15, 15))))
-        else:
-            cases.append(Case("na2d-128x128-k13", "neighborhood", (128, 128), 4, 64, 0, params=dict(kernel_size=13)))
-            cases.append(Case("na2d-64x64-k13-text64", "neighborhood", (64, 64), 4, 64, 64,
-                              params=dict(kernel_size=13)))
-            cases.append(Case("na3d-8x32x32-k3x9x9", "neighborhood", (8, 32, 32), 4, 64, 0,
-                              params=dict(kernel_size=(3, 9, 9))))
-    if "local" in ops_wanted and hasattr(ops, "local_attention"):
-        if cuda:
-            for name, n in (("1k", 64), ("2k", 128), ("4k", 256), ("8k", 512)):
-                cases.append(Case(f"clear-flux-{name}-r16", "local", (n, n), 24, 128, 512, params=dict(radius=16)))
-        else:
-            cases.append(Case("clear-96x96-r8-text64", "local", (96, 96), 4, 64, 64, params=dict(radius=8)))
-    if "moba" in ops_wanted and hasattr(ops, "moba_attention"):
-        if cuda:
-            cases.append(Case("moba-wan-480p", "moba", (21, 30, 52), 12, 128, 0,
-                              params=dict(block=(3, 10, 13), topk=6)))
-            cases.append(Case("moba-wan-720p", "moba", (21, 45, 80), 12, 128, 0,
-                              params=dict(block=(3, 9, 16), topk=26)))
-        else:
-            cases.append(Case("moba-8x32x32-b2x8x8-top8", "moba", (8, 32, 32), 4, 64, 0,
-                              params=dict(block=(2, 8, 8), topk=8)))
-    if "linear" in ops_wanted and hasattr(ops, "linear_attention"):
-        if cuda:
-            for n in (4096, 16384, 65536):
-                cases.append(Case(f"linear-{n}", "linear", (n,), 8, 40, 0))
-        else:
-            cases.append(Case("linear-16384-h8-d40", "linear", (16384,), 8, 40, 0))
-    return cases
+    table = specs()
+    wanted = bench_ops() if ops_wanted is None else list(ops_wanted)
+    unknown = [op for op in wanted if op not in table]
+    if unknown:
+        raise ValueError(f"unknown bench op(s) {unknown}; bench ops: {sorted(table)}")
+    return [case for op in wanted for case in table[op].cases(cuda)]
 
 
 def format_table(rows):

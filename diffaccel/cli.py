@@ -42,8 +42,10 @@ def build_parser():
     p = argparse.ArgumentParser(prog="diffaccel", description="Fast attention patterns for diffusers.")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="benchmark attention ops against dense SDPA and FlexAttention")
-    b.add_argument("--op", nargs="+", default=["neighborhood", "local", "moba", "linear"],
-                   choices=["neighborhood", "local", "moba", "linear"], help="ops to benchmark")
+    from . import bench
+
+    ops_ = bench.bench_ops()
+    b.add_argument("--op", nargs="+", default=ops_, choices=ops_, help="ops to benchmark (default: all)")
     b.add_argument("--case", nargs="+", help="only cases whose name contains one of these strings")
     b.add_argument("--backend", nargs="+", choices=["triton", "torch"], help="backends (default: all available)")
     b.add_argument("--no-baseline", nargs="*", default=[], choices=["sdpa", "flex"], help="skip these baselines")

@@ -195,7 +195,8 @@ class LinFusionAttention(nn.Module):
             "module_name": module_name,
             "dim_n": self.to_q.out_features,
             "heads": self.heads,
-            "projection_mid_dim": self.mid_dim,
+            # LinFusion writes null for its default (the layer width)
+            "projection_mid_dim": None if self.mid_dim == self.to_q.in_features else self.mid_dim,
         }
 
     # ------------------------------------------------------------------ forward
@@ -334,8 +335,9 @@ def read_checkpoint_folder(folder):
     try:
         with open(cfg_path, encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"LinFusion checkpoint {folder!r}: cannot read {CONFIG_NAME}: {e}") from e
+    except (OSError, ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
+        why = "nested too deeply" if isinstance(e, RecursionError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"LinFusion checkpoint {folder!r}: cannot read {CONFIG_NAME} ({cfg_path}): {why}") from None
     modules_list = config.get("modules_list") if isinstance(config, dict) else None
     if not isinstance(modules_list, list):
         raise ValueError(f"LinFusion checkpoint {folder!r}: {CONFIG_NAME} has no 'modules_list' list")
@@ -454,6 +456,8 @@ def load_linfusion_checkpoint(weights, model, selected, *, eps=1e-4, backend=Non
                 )
             elif not have[suffix].is_floating_point():
                 problems.append(f"{i}.{suffix} has dtype {have[suffix].dtype}, expected a floating-point tensor")
+            elif not bool(torch.isfinite(have[suffix]).all()):
+                problems.append(f"{i}.{suffix} (layer {mname!r}) holds NaN or inf values")
         students[id(attn)] = (student, i)
     problems += [f"unexpected key {k}" for k in sorted(unexpected)]
     if problems:
@@ -476,13 +480,11 @@ def load_linfusion_checkpoint(weights, model, selected, *, eps=1e-4, backend=Non
 
 
 def _denoiser(model_or_pipe):
-    if isinstance(model_or_pipe, nn.Module):
-        return model_or_pipe
-    for attr in ("unet", "transformer"):
-        m = getattr(model_or_pipe, attr, None)
-        if isinstance(m, nn.Module):
-            return m
-    raise ValueError(f"model_or_pipe must be a UNet or a pipeline with a .unet, got {type(model_or_pipe).__name__}")
+    """The UNet of a pipeline (or the model itself)."""
+    from .api import denoisers
+
+    found = denoisers(model_or_pipe)
+    return next((m for label, m in found if label in ("", "unet")), found[0][1])
 
 
 def save_linfusion(model_or_pipe, folder, *, dtype=None):

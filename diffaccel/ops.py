@@ -5,15 +5,22 @@ output has q's dtype.  Each op validates its arguments (``ValueError`` naming
 the argument), normalises them, and hands plain tensors to a backend in
 ``diffaccel.kernels``: ``"triton"``, ``"flex"`` (torch FlexAttention) or
 ``"torch"`` (portable eager code); ``backend=None`` picks the best for the
-device.
+device.  A batch or head count of 0 gives an empty output (no kernel runs).
+
+Non-finite inputs stay inside the pattern on every backend: a NaN or infinite
+key or value reaches only the queries that see it (their outputs become NaN),
+a non-finite query gives a NaN output, and every other output is what finite
+inputs give (``kernels/reference.py`` states the rule; ``kernels/nonfinite.py``
+enforces it for backends that cannot on their own).
 """
 from __future__ import annotations
 
 import math
 
-from ._validate import check_qkv, check_scale, check_tokens, normalize_grid, per_axis, resolve_backend
+from ._validate import (check_qkv, check_scale, check_tokens, is_finite_number, normalize_grid, per_axis,
+                        positive_number, resolve_backend)
 
-__all__ = ["linear_attention", "local_attention", "moba_attention", "moba_params", "neighborhood_attention",
+__all__ = ["dense_attention", "linear_attention", "local_attention", "moba_attention", "moba_params", "neighborhood_attention",
            "neighborhood_params"]
 
 
@@ -67,18 +74,18 @@ def neighborhood_attention(q, k, v, grid, kernel_size, *, dilation=1, stride=1, 
         raise ValueError(f"text_first must be a bool, got {text_first!r}")
     scale = check_scale(scale, q.shape[-1])
     backend = resolve_backend(backend, q.device)
-    args = (q, k, v, grid, kernel_size, dilation, stride, text_len, text_first, scale)
+    if q.numel() == 0:
+        return q * 0.0  # no batch or no heads: empty, still attached to the graph
+    args = (grid, kernel_size, dilation, stride, text_len, text_first, scale)
     if backend == "triton":
-        from .kernels.neighborhood_triton import neighborhood_triton
+        from .kernels.neighborhood_triton import neighborhood_triton as run
+    elif backend == "flex":
+        from .kernels.flex import neighborhood_flex as run
+    else:
+        from .kernels.neighborhood_torch import neighborhood_torch as run
+    from .kernels.nonfinite import contain_nonfinite
 
-        return neighborhood_triton(*args)
-    if backend == "flex":
-        from .kernels.flex import neighborhood_flex
-
-        return neighborhood_flex(*args)
-    from .kernels.neighborhood_torch import neighborhood_torch
-
-    return neighborhood_torch(*args)
+    return contain_nonfinite(lambda q, k, v, kx, vx: run(q, k, v, *args), q, k, v)
 
 
 def linear_attention(q, k, v, *, eps=1e-4, backend=None):
@@ -101,11 +108,10 @@ def linear_attention(q, k, v, *, eps=1e-4, backend=None):
     check_qkv(q, k, v, same_length=False)
     if k.shape[1] == 0:
         raise ValueError(f"k and v must hold at least one token (the state is divided by N), got k {tuple(k.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    eps = positive_number("eps", eps)
     backend = resolve_backend(backend, q.device, supported=("triton", "torch"))
     if backend == "triton" and q.numel() > 0:
-        from .kernels.linear_attention import linear_attention_triton
+        from .kernels.linear_attention_triton import linear_attention_triton
 
         return linear_attention_triton(q, k, v, float(eps))
     from .kernels.linear_attention_torch import linear_attention_torch
@@ -113,10 +119,15 @@ def linear_attention(q, k, v, *, eps=1e-4, backend=None):
     return linear_attention_torch(q, k, v, float(eps))
 
 
-def _check_radius(radius):
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius <= 0:
+def _check_radius(radius, grid):
+    """``radius`` as a float, clamped to the grid's diagonal (a larger circle sees the whole grid the same
+    way, and ``radius**2`` cannot overflow); an int too large for a float is such a radius too."""
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or radius <= 0:
         raise ValueError(f"radius must be a positive finite number, got {radius!r}")
-    return float(radius)
+    if isinstance(radius, float) and not math.isfinite(radius):
+        raise ValueError(f"radius must be a positive finite number, got {radius!r}")
+    diagonal = math.hypot(*grid)
+    return diagonal if radius > diagonal else float(radius)
 
 
 def _check_pooling(down_factor, pool_weight, q):
@@ -172,7 +183,7 @@ def local_attention(q, k, v, grid, radius, *, text_len=0, text_first=True, down_
     """
     check_qkv(q, k, v)
     grid = normalize_grid(grid, allowed=(2,))
-    radius = _check_radius(radius)
+    radius = _check_radius(radius, grid)
     check_tokens(q, grid, text_len)
     if not isinstance(text_first, bool):
         raise ValueError(f"text_first must be a bool, got {text_first!r}")
@@ -180,25 +191,23 @@ def local_attention(q, k, v, grid, radius, *, text_len=0, text_first=True, down_
     scale = check_scale(scale, q.shape[-1])
     backend = resolve_backend(backend, q.device)
     if q.numel() == 0:
-        backend = "torch"
+        return q * 0.0  # no batch or no heads: empty, still attached to the graph
     kx = vx = None
     if down_factor is not None:
         from .kernels.local_torch import pool_tokens
 
         kx = pool_tokens(k, grid, down_factor, pool_weight, text_len, text_first)
         vx = pool_tokens(v, grid, down_factor, pool_weight, text_len, text_first)
-    args = (q, k, v, grid, radius, text_len, text_first, kx, vx, scale)
     if backend == "triton":
-        from .kernels.local_triton import local_triton
+        from .kernels.local_triton import local_triton as run
+    elif backend == "flex":
+        from .kernels.local_flex import local_flex as run
+    else:
+        from .kernels.local_torch import local_torch as run
+    from .kernels.nonfinite import contain_nonfinite
 
-        return local_triton(*args)
-    if backend == "flex":
-        from .kernels.local_flex import local_flex
-
-        return local_flex(*args)
-    from .kernels.local_torch import local_torch
-
-    return local_torch(*args)
+    return contain_nonfinite(lambda q, k, v, kx, vx: run(q, k, v, grid, radius, text_len, text_first, kx, vx, scale),
+                             q, k, v, kx, vx)
 
 
 MOBA_SELECTIONS = ("query", "tile", "head")
@@ -220,7 +229,7 @@ def moba_params(grid, block, topk=None, threshold=None, selection="query"):
         raise ValueError(f"topk must be a positive int (the number of blocks per query, own block included), "
                          f"got {topk!r}")
     if threshold is not None:
-        if (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
+        if (not is_finite_number(threshold)
                 or not 0 <= threshold <= 1):
             raise ValueError(f"threshold must be a number in [0, 1] (fraction of the normalised gate mass), "
                              f"got {threshold!r}")
@@ -281,3 +290,13 @@ def moba_attention(q, k, v, grid, block, *, topk=None, threshold=None, selection
 
     return moba_torch(*args)
 
+
+
+def dense_attention(q, k, v, *, scale=None):
+    """Full softmax attention on ``[B, S, H, D]`` tensors (q and k/v may differ in length) with torch's
+    ``scaled_dot_product_attention``: the baseline every pattern is measured against, and what padded
+    text queries and dense layers run.  No argument checks beyond torch's own."""
+    import torch.nn.functional as F
+
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)

@@ -47,17 +47,22 @@ import triton
 import triton.language as tl
 
 from .launch import attention_block, attention_launch, cuda_arch
+from .tiling import EXTRA, IMAGE, PAD, TEXT
 
 MODE_NONE, MODE_BOX, MODE_CIRCLE, MODE_SELECT = 0, 1, 2, 3
-PAD_FLAG = 2
+PAD_FLAG = PAD
+# the slot flags of tiling.py as kernel constants
+_IMAGE_FLAG = tl.constexpr(IMAGE)
+_TEXT_FLAG = tl.constexpr(TEXT)
+_EXTRA_FLAG = tl.constexpr(EXTRA)
 
 
 @triton.jit
 def _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, sel_off, SEL_W, MODE: tl.constexpr):
     qf = tl.load(QFLAG + offs_m)[:, None]
     kf = tl.load(KFLAG + offs_n)[None, :]
-    vis = (kf == 1) | ((kf == 3) & (qf == 0)) | ((kf == 0) & (qf == 1))
-    img = (kf == 0) & (qf == 0)
+    vis = (kf == _TEXT_FLAG) | ((kf == _EXTRA_FLAG) & (qf == _IMAGE_FLAG)) | ((kf == _IMAGE_FLAG) & (qf == _TEXT_FLAG))
+    img = (kf == _IMAGE_FLAG) & (qf == _IMAGE_FLAG)
     if MODE == 1:
         # every axis: the planner gives unused axes an unbounded box
         for a in tl.static_range(3):

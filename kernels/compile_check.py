@@ -106,7 +106,7 @@ def _moba(dtype, d):
 
 
 def _linear(dtype, d):
-    from .linear_attention import linear_attention_triton
+    from .linear_attention_triton import linear_attention_triton
 
     _fwd_bwd(lambda q, k, v: linear_attention_triton(q, k, v, 1e-4), *_qkv(300, 2, d, dtype, sk=500))
 

@@ -40,7 +40,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .neighborhood_ref import axis_window_start
+from .patterns import axis_window_start
 
 __all__ = [
     "BLOCK_SIZE",

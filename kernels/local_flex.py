@@ -14,16 +14,18 @@ import functools
 import torch
 
 from .flex import BLOCK_SIZE, flex_attention_with_mask_mod, image_tile_order
-from .local_ref import max_sq_dist
+from .patterns import max_sq_dist
 
 __all__ = ["local_flex", "local_mask_mod"]
 
-_IMAGE, _TEXT, _POOLED = 0, 1, 2
+from .tiling import EXTRA as _POOLED  # noqa: E402  (the token-kind codes of tiling.py, used everywhere)
+from .tiling import IMAGE as _IMAGE  # noqa: E402
+from .tiling import TEXT as _TEXT  # noqa: E402
 
 
 def local_mask_mod(kind, ys, xs, d2):
     """mask_mod of local attention from per-position tables over ``[sequence; pooled]``:
-    ``kind`` (0 image, 1 text, 2 pooled), grid row ``ys`` and column ``xs`` (0 off the image)."""
+    ``kind`` (``tiling.IMAGE`` / ``TEXT`` / ``EXTRA`` for the pooled tokens), grid row ``ys`` and column ``xs`` (0 off the image)."""
 
     def mask_mod(b, h, q_idx, kv_idx):
         qk, kk = kind[q_idx], kind[kv_idx]

@@ -20,15 +20,10 @@ import math
 
 import torch
 
+from .patterns import max_sq_dist
 from .reference import join_text_mask, masked_attention_reference
 
 __all__ = ["max_sq_dist", "pooled_grid", "circle_mask", "local_mask", "pool_reference", "local_reference"]
-
-
-def max_sq_dist(radius):
-    """The largest integer squared distance strictly below ``radius**2`` (computed in float64):
-    an integer offset is visible iff ``dy**2 + dx**2 <= max_sq_dist(radius)``."""
-    return math.ceil(float(radius) * float(radius)) - 1
 
 
 def pooled_grid(grid, down_factor):
@@ -44,7 +39,7 @@ def circle_mask(grid, radius, device=None):
     y = torch.arange(h, device=device).repeat_interleave(w)
     x = torch.arange(w, device=device).repeat(h)
     d2 = (y[:, None] - y[None, :]) ** 2 + (x[:, None] - x[None, :]) ** 2
-    return d2.double() < float(radius) ** 2
+    return d2 <= max_sq_dist(min(float(radius), math.hypot(h, w)))
 
 
 def local_mask(grid, radius, text_len=0, text_first=True, n_pooled=0, device=None):

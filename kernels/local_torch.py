@@ -31,7 +31,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .local_ref import max_sq_dist
+from .patterns import max_sq_dist
 from .workspace import scratch
 
 __all__ = ["pool_tokens", "HaloPlan", "plan_local", "local_torch", "choose_tile"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .blocksparse import MODE_CIRCLE, BlockPlan, register_planner, sparse_attention, tables_from_matrix
-from .local_ref import max_sq_dist
+from .patterns import max_sq_dist
 from .tiling import _BIG, EXTRA, PAD, build_tile_layout
 
 __all__ = ["local_plan", "local_triton", "encode", "block_tables"]

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .moba_ref import block_partition, image_slices, select_blocks
+from .moba_select import block_partition, image_slices, select_blocks
+from .nonfinite import clean, nan_rows, nonfinite_marks
 from .workspace import clear_workspace, scratch  # noqa: F401  (clear_workspace: public here too)
 
 # elements of the largest intermediate (attention scores of one chunk of heads)
@@ -153,6 +154,14 @@ def moba_torch(q, k, v, grid, block, topk, threshold, selection, text_len, text_
     img, txt = image_slices(N, text_len, text_first)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     cdt = q.dtype if q.device.type == "cuda" else torch.float32
+    # non-finite inputs: select with them (the gate contains them), attend to cleaned copies, and mark as
+    # NaN the outputs whose selected blocks (or the text) hold a bad key / value, and bad queries' rows
+    q_in, marks = q, None
+    if not torch.compiler.is_compiling() and not all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
+        marks = nonfinite_marks(k, v)
+    q_sel, k_sel = q[:, img], k[:, img]
+    if marks is not None:
+        q, k, v = clean(q), clean(k), clean(v)
     q_img, k_img, v_img = q[:, img], k[:, img], v[:, img]
 
     budget = _budget(q.device)
@@ -165,7 +174,7 @@ def moba_torch(q, k, v, grid, block, topk, threshold, selection, text_len, text_
     outs = []
     for h0 in range(0, H, chunk):
         h1 = min(H, h0 + chunk)
-        sel = select_blocks(q_img[:, :, h0:h1], k_img[:, :, h0:h1], part, topk, threshold, selection)
+        sel = select_blocks(q_sel[:, :, h0:h1], k_sel[:, :, h0:h1], part, topk, threshold, selection)
         h = h1 - h0
         qh = q_img[:, :, h0:h1].transpose(1, 2).to(cdt).reshape(B * h, N, D)
         members = part.members.flatten()
@@ -175,9 +184,18 @@ def moba_torch(q, k, v, grid, block, topk, threshold, selection, text_len, text_
         vt = v[:, txt, h0:h1].transpose(1, 2).to(cdt).reshape(B * h, text_len, D) if text_len else None
         out = _image_chunk(sel.reshape(B * h, N, C), qh, kb.view(B * h * C, M, D), vb.view(B * h * C, M, D),
                            kt, vt, part, scale, need_grad)
+        if marks is not None:
+            mb = marks[:, img, h0:h1].transpose(1, 2).reshape(B * h, N, D).index_select(1, members)
+            mb = mb.view(B * h, C, M, D) * part.valid[None, :, :, None]
+            seen = torch.matmul(sel.reshape(B * h, N, C).float(), mb.amax(2)) > 0  # [B*h, N, D]
+            if text_len:
+                seen = seen | (marks[:, txt, h0:h1].amax(1).reshape(B * h, 1, D) > 0)
+            out = out.masked_fill(seen, float("nan"))
         outs.append(out.view(B, h, N, D))
     out_img = torch.cat(outs, dim=1).transpose(1, 2).to(q.dtype)  # [B, N, H, D]
-    if not text_len:
-        return out_img
-    out_txt = _dense(q[:, txt], k, v, scale).to(q.dtype)
-    return torch.cat([out_txt, out_img] if text_first else [out_img, out_txt], dim=1)
+    if text_len:
+        out_txt = _dense(q[:, txt], k, v, scale).to(q.dtype)
+        if marks is not None:  # text queries see every key
+            out_txt = out_txt.masked_fill(marks.amax(1, keepdim=True) > 0, float("nan"))
+        out_img = torch.cat([out_txt, out_img] if text_first else [out_img, out_txt], dim=1)
+    return out_img if marks is None else nan_rows(out_img, q_in)

@@ -32,7 +32,8 @@ import triton.language as tl
 from .blocksparse import (MODE_SELECT, BlockPlan, dynamic_tables, register_planner, sparse_attn_dyn_bwd,
                           sparse_attn_dyn_fwd)
 from .launch import attention_block, cuda_arch, gate_launch
-from .moba_ref import block_means, block_partition, image_slices, select_blocks
+from .moba_select import block_partition, gate_means, image_slices, select_blocks
+from .nonfinite import clean, nan_rows, nonfinite_marks
 from .tiling import _BIG, IMAGE, PAD, TEXT, TileLayout
 
 # elements of the per-query selection [B, heads, N, n_blocks] handled at once
@@ -327,8 +328,8 @@ def _gate_fused(q, k, geo, part, topk, threshold):
     N, C = part.n_tokens, part.n_blocks
     ni, kblock = geo.n_img_kb, layout.block
     img, _ = image_slices(N, layout.text_len, layout.text_first)
-    # the mean keys in q's dtype, as the reference rounds them (moba_ref.moba_gate)
-    kmean = block_means(k[:, img], part).to(q.dtype).contiguous()  # [B, H, C, D]
+    # the mean keys in q's dtype, as the reference rounds them (moba_select.moba_gate)
+    kmean = gate_means(k[:, img], part).to(q.dtype).contiguous()  # [B, H, C, D]
     words = (C + 31) // 32
     bits = torch.zeros(B, H, layout.num_slots, words, dtype=torch.int32, device=q.device)
     any_sel = torch.empty(B, H, ni, C, dtype=torch.int8, device=q.device)
@@ -476,14 +477,47 @@ def _moba_backward(ctx, grads):
 moba_attn_fwd.register_autograd(_moba_backward, setup_context=_moba_setup_context)
 
 
+class _FixedTables(torch.autograd.Function):
+    """Block-sparse attention over given MoBA tables (the non-finite path of :func:`moba_triton`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, tables, args):
+        out, lse = sparse_attn_dyn_fwd(q, k, v, *tables, *args)
+        ctx.save_for_backward(q, k, v, out, lse, *tables)
+        ctx.args = args
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, *tables = ctx.saved_tensors
+        dq, dk, dv = sparse_attn_dyn_bwd(do, q, k, v, o, lse, *tables, *ctx.args)
+        return dq, dk, dv, None, None
+
+
 def moba_triton(q, k, v, grid, block, topk, threshold, selection, text_len, text_first, scale, kblock=None):
     """Mixture of block attention on the Triton core (validated arguments, see ``ops.moba_attention``):
     one custom op (:func:`moba_attn_fwd`), so ``torch.compile(fullgraph=True)`` sees no graph break.
-    ``kblock``: kernel block size (default :func:`kernel_block`)."""
+    ``kblock``: kernel block size (default :func:`kernel_block`).  Non-finite inputs (checked outside
+    ``torch.compile``) take a second pass that keeps them inside the pattern (``nonfinite``'s rule)."""
     grid = tuple(int(g) for g in grid)
     block = tuple(min(int(b), n) for b, n in zip(block, grid))
     kblock = int(kblock or kernel_block(block, q))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     ints = [len(grid), *grid, *block, int(text_len), int(bool(text_first)), int(topk or 0),
             _SELECTION_CODES[selection], kblock]
-    return moba_attn_fwd(q, k, v, ints, float(threshold if threshold is not None else -1.0), scale)[0]
+    threshold = float(threshold if threshold is not None else -1.0)
+    if torch.compiler.is_compiling() or all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
+        return moba_attn_fwd(q, k, v, ints, threshold, scale)[0]
+    # non-finite inputs (``nonfinite``'s rule, as the torch backend): select with them (the gate contains
+    # them), attend to cleaned copies over those tables, and mark as NaN the outputs whose selected blocks (or
+    # the text) hold a bad key or value: a second pass over the same tables with zero queries and keys
+    # (uniform weights over every visible key) and values 1 where an input is bad
+    with torch.no_grad():
+        tables, bits = gate_tables(q, k, grid, block, topk, None if topk else threshold, selection, text_len,
+                                   text_first, kblock)
+    args = ("moba", _encode(grid, block, text_len, text_first), [], scale, kblock)
+    out = _FixedTables.apply(clean(q), clean(k), clean(v), (*tables, bits), args)
+    with torch.no_grad():
+        zeros = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        seen, _ = sparse_attn_dyn_fwd(zeros, zeros, nonfinite_marks(k, v), *tables, bits, *args)
+    return nan_rows(out.masked_fill(seen > 0, float("nan")), q)

@@ -15,25 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .patterns import axis_window_start
 from .reference import join_text_mask, masked_attention_reference
-
-
-def axis_window_start(n, k, d=1, s=1, device=None):
-    """Window of every coordinate of one axis.
-
-    Returns ``(start, length)`` where ``start`` is an int64 tensor ``[n]`` of
-    window starts in *real* coordinates and the window of coordinate ``i`` is
-    ``start[i] + d * arange(length[i])`` (``length`` is ``[n]`` too: groups of
-    a dilated axis can be shorter than ``k``).
-    """
-    i = torch.arange(n, device=device)
-    g = i % d
-    gi = i // d
-    n_g = (n - g + d - 1) // d
-    k_eff = torch.clamp(n_g, max=k)
-    centre = torch.minimum((gi // s) * s + s // 2, n_g - 1)
-    start_g = torch.clamp(torch.minimum(centre - k // 2, n_g - k_eff), min=0)
-    return g + d * start_g, k_eff
 
 
 def axis_visibility(n, k, d=1, s=1, device=None):

@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .neighborhood_ref import axis_window_start
+from .patterns import axis_window_start
 
 __all__ = ["neighborhood_torch", "plan_tiles"]
 

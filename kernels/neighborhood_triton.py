@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .blocksparse import MODE_BOX, BlockPlan, register_planner, sparse_attention, tables_from_matrix
-from .neighborhood_ref import axis_window_start
+from .patterns import axis_window_start
 from .tiling import _BIG, IMAGE, build_tile_layout
 
 

@@ -15,11 +15,14 @@ import torch
 
 import diffaccel
 from diffaccel.cli import DTYPES
+from diffaccel.registry import available_methods
 
-from . import evaluate, small, train_small
+from . import load_pipeline
+from .media import save_media
+from .small import evaluate, resolve_small
+from .small import train as train_small
 
-
-GENERATE_METHODS = ("dense", "neighborhood", "clear", "linfusion", "moba")
+GENERATE_METHODS = ("dense", *available_methods())  # every registered method; "dense" = full attention
 
 
 def _peak_memory(device) -> str:
@@ -45,9 +48,9 @@ def generate(model="small-flux", method="dense", options=(), prompt="a red circl
     if setting.method not in GENERATE_METHODS:
         raise ValueError(f"method must be one of {GENERATE_METHODS}, got {setting.method!r}")
     if pipe is None:
-        pipe = small.load_pipeline(model, device=device, dtype=dtype, allow_download=allow_download)
+        pipe = load_pipeline(model, device=device, dtype=dtype, allow_download=allow_download)
     opts = dict(setting.options)
-    if setting.method != "dense" and not opts and small.resolve_small(model) is not None:
+    if setting.method != "dense" and not opts and resolve_small(model) is not None:
         # a small model: the first default setting of this method (sized on its native token grid)
         defaults = [s for s in evaluate.default_settings(pipe) if s.method == setting.method]
         if defaults:
@@ -89,7 +92,7 @@ def _cmd_generate(args):
             allow_download=args.allow_download)
     except ValueError as e:
         raise SystemExit(f"diffaccel generate: {e}") from None
-    paths = small.save_media(result, args.output)
+    paths = save_media(result, args.output)
     print(f"{label}: time: {seconds:.2f} s ({args.steps} steps, {seconds / args.steps:.3f} s/step); "
           f"peak memory: {peak}")
     for p in paths:
@@ -129,7 +132,7 @@ def _add_train_small_arguments(p):
     p.add_argument("kind", choices=["flux", "unet", "wan", "classifier", "linfusion"],
                    help="which small model to train (classifier: the shape/colour classifier of `diffaccel eval`; "
                         "linfusion: distil LinFusion layers from --teacher)")
-    p.add_argument("--output", help="exported folder (default: the shipped pipelines/models/small-<kind>, "
+    p.add_argument("--output", help="exported folder (default: the shipped pipelines/small/models/small-<kind>, "
                                     "shape-classifier or small-unet-linfusion)")
     p.add_argument("--work-dir", help="checkpoints, logs and sample grids (default runs/<name>)")
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this run (default 60)")
@@ -203,7 +206,7 @@ def register(sub):
                    help="small model name (small-flux, small-unet, small-wan), diffusers Hub id or folder "
                         "(default small-flux)")
     g.add_argument("--method", default="dense",
-                   help="dense, neighborhood, clear, linfusion or moba, optionally with options "
+                   help=f"{', '.join(GENERATE_METHODS)}, optionally with options "
                         "'method:key=value,...' (e.g. 'neighborhood:kernel_size=9'); small models get a default "
                         "setting when none is given")
     g.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",

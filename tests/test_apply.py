@@ -120,8 +120,11 @@ def test_failing_install_changes_nothing():
     register_method(Method(name="_test_failing", options_cls=NeighborhoodOptions, install=install, families=("unet",)))
     model = tiny_unet()
     before = model.attn_processors
-    with pytest.raises(RuntimeError, match="boom"):
-        diffaccel.apply(model, "_test_failing", kernel_size=3)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            diffaccel.apply(model, "_test_failing", kernel_size=3)
+    finally:
+        diffaccel.registry._METHODS.pop("_test_failing")
     assert all(before[k] is v for k, v in model.attn_processors.items())
     assert applied_method(model) is None and get_tracker(model) is None
 
@@ -131,8 +134,12 @@ def test_user_tracker_is_kept_by_remove():
     tracker = diffaccel.track_layout(model)
     diffaccel.apply(model, "neighborhood", kernel_size=3, backend="torch")
     assert get_tracker(model) is tracker
+    seen = []
+    handle = model.down_blocks[0].register_forward_pre_hook(
+        lambda m, a: seen.append(diffaccel.context.current_context().layout.grids))
     run(model, unet_inputs(model, 9, 13))
-    assert tracker.layout.grids == ((9, 13), (5, 7))
+    handle.remove()
+    assert seen == [((9, 13), (5, 7))]
     diffaccel.remove(model)
     assert get_tracker(model) is tracker
     untrack_layout(model)
@@ -144,7 +151,7 @@ def test_user_tracker_is_kept_by_remove():
         (dict(method="nope", kernel_size=3), "method must be one of"),
         (dict(method="neighborhood", kernel_size=3, kernal=2), r"unknown option\(s\) \['kernal'\]"),
         (dict(method="neighborhood"), "kernel_size is required"),
-        (dict(method="neighborhood", kernel_size=0), "kernel_size must be positive"),
+        (dict(method="neighborhood", kernel_size=0), "kernel_size must be >= 1"),
         (dict(method="neighborhood", kernel_size=(3, "a")), "kernel_size"),
         (dict(method="neighborhood", kernel_size=(3, 3, 3, 3)), "kernel_size"),
         (dict(method="neighborhood", kernel_size=3, dilation=-1), "dilation"),
@@ -213,3 +220,95 @@ def test_layout_error_message_when_grid_is_not_findable():
                 model(**x)
     finally:
         diffaccel.remove(model)
+
+
+def test_method_and_layers_arguments_are_checked_like_every_option():
+    """A method given as a list is a ValueError naming `method`; `layers=` as a generator is read once and still
+    checked pattern by pattern."""
+    model = tiny_unet()
+    with pytest.raises(ValueError, match="method"):
+        diffaccel.apply(model, ["neighborhood"], kernel_size=3)
+    with pytest.raises(ValueError, match=r"\['nope\.\*'\] match no self-attention layer"):
+        diffaccel.apply(model, "neighborhood", kernel_size=3, layers=(p for p in ["down_blocks.1", "nope.*"]))
+    assert applied_method(model) is None and get_tracker(model) is None
+    diffaccel.apply(model, "neighborhood", kernel_size=3, backend="torch", layers=(p for p in ["down_blocks.1"]))
+    try:
+        assert list(_ours(model)) == ["down_blocks.1.attentions.0.transformer_blocks.0.attn1"]
+    finally:
+        diffaccel.remove(model)
+
+
+def test_trainable_parameters_follow_the_method():
+    from tiny_models import tiny_flux
+
+    flux = tiny_flux()
+    with pytest.raises(ValueError, match="no diffaccel method"):
+        diffaccel.trainable_parameters(flux)
+    diffaccel.apply(flux, "neighborhood", kernel_size=3, backend="torch", layers="single_transformer_blocks.*")
+    try:
+        params = diffaccel.trainable_parameters(flux)
+        attn = flux.single_transformer_blocks[0].attn
+        assert {id(p) for p in params} == {id(p) for m in attn.modules() if isinstance(m, torch.nn.Linear)
+                                            for p in m.parameters()}
+    finally:
+        diffaccel.remove(flux)
+    unet = tiny_unet()
+    pipe = tiny_pipeline(unet=unet, transformer=None)
+    diffaccel.apply(pipe, "linfusion")
+    try:
+        from diffaccel.methods.linfusion import linfusion_parameters
+
+        assert [id(p) for p in diffaccel.trainable_parameters(pipe)] == [id(p) for p in linfusion_parameters(unet)]
+    finally:
+        diffaccel.remove(pipe)
+
+
+def test_every_list_derives_from_the_registry():
+    from diffaccel import bench, registry
+    from diffaccel.cli import build_parser
+    from diffaccel.pipelines.cli import GENERATE_METHODS
+
+    names = registry.available_methods()
+    assert GENERATE_METHODS == ("dense", *names)
+    ops_ = {m.bench.op for m in registry.methods() if m.bench}
+    assert set(bench.bench_ops()) == ops_ == {"neighborhood", "local", "moba", "linear"}
+    assert {c.op for c in bench.default_cases("cpu")} == ops_
+    op_action = next(a for a in build_parser()._subparsers._group_actions[0].choices["bench"]._actions
+                     if a.dest == "op")
+    assert sorted(op_action.choices) == sorted(ops_)
+    for m in registry.methods():  # default settings are valid options of the method
+        assert m.default_settings is not None, m.name
+        for grid in ((16, 16), (4, 8, 8)):
+            for options in m.default_settings(grid):
+                registry.build_options(m, options)
+
+
+def test_two_threads_see_their_own_call_context():
+    """Two threads running one patched model at two sizes at once: each call uses its own layout."""
+    import threading
+
+    from tiny_models import tiny_wan, wan_inputs
+
+    model = tiny_wan()
+    xs = [wan_inputs(model, frames=2, height=h, width=w) for h, w in ((4, 6), (8, 4))]
+    diffaccel.apply(model, "neighborhood", kernel_size=(1, 3, 3), backend="torch")
+    try:
+        refs = [run(model, x) for x in xs]
+        outs, errors = {}, []
+
+        def work(i):
+            try:
+                outs[i] = [run(model, xs[i % 2]) for _ in range(5)]
+            except Exception as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        diffaccel.remove(model)
+    assert not errors, errors
+    for i, results in outs.items():
+        assert all(torch.equal(r, refs[i % 2]) for r in results)

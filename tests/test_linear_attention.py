@@ -136,7 +136,7 @@ def test_empty_query_and_batch():
 
 @needs_interpreter
 def test_custom_op_registration_and_compile():
-    from diffaccel.kernels.linear_attention import linear_attention_fwd
+    from diffaccel.kernels.linear_attention_triton import linear_attention_fwd
 
     q, k, v = _qkv(1, 20, 24, 2, 16, torch.float32, seed=8, grad=True)
     torch.library.opcheck(linear_attention_fwd, (q, k, v, 1e-4))

@@ -8,7 +8,10 @@ import torch.nn.functional as F
 
 import diffaccel
 from diffaccel import ops
-from diffaccel.layout import Layout, LayoutError, flux_grid_from_ids, get_tracker, unet_grids, untrack_layout
+from diffaccel.context import current_context, get_tracker, untrack_layout
+from diffaccel.families._common import image_grid_from_ids
+from diffaccel.families.unet import unet_grids
+from diffaccel.layout import Layout, LayoutError
 from diffaccel.processors import (
     FluxProcessor,
     PatternProcessor,
@@ -132,15 +135,23 @@ def test_explicit_grid_without_tracking():
 
 def test_layer_matching_no_grid_names_the_layer():
     model = tiny_unet()
+    name = _self_attn_names(model, "unet")[0]
+    attn = model.get_submodule(name)
+
+    def ten_tokens(module, args, kwargs):  # this layer's tokens stop being a grid of the call
+        return (args[0][:, :10], *args[1:]), kwargs
+
     diffaccel.apply(model, "neighborhood", kernel_size=3, backend="torch")
+    handle = attn.register_forward_pre_hook(ten_tokens, with_kwargs=True)
     try:
-        run(model, unet_inputs(model, 8, 8))
-        name = _self_attn_names(model, "unet")[0]
-        attn = model.get_submodule(name)
-        with torch.no_grad(), pytest.raises(LayoutError, match=r"10 image tokens.*matches no token grid") as e:
-            attn(torch.randn(1, 10, attn.to_q.in_features))
+        with pytest.raises(LayoutError, match=r"10 image tokens.*matches no token grid") as e:
+            run(model, unet_inputs(model, 8, 8))
         assert name in str(e.value)
+        # outside a tracked call a processor without grid= says how to give it a layout
+        with torch.no_grad(), pytest.raises(LayoutError, match="track_layout"):
+            attn(torch.randn(1, 10, attn.to_q.in_features))
     finally:
+        handle.remove()
         diffaccel.remove(model)
 
 
@@ -154,38 +165,49 @@ def test_unet_grids_follow_downsampling():
         Layout(((9, 13),)).grid_for(36)
 
 
-def test_flux_ids_must_be_one_full_grid():
-    assert flux_grid_from_ids(flux_image_ids(3, 5)) == (3, 5)
+def test_flux_target_grid_from_ids_and_kontext_references_as_global_tokens():
+    assert image_grid_from_ids(flux_image_ids(3, 5), "FLUX") == ((3, 5), 15)
     ids = flux_image_ids(3, 5)
-    kontext = torch.cat([ids, torch.cat([torch.ones(15, 1), ids[:, 1:]], 1)])  # reference-image tokens
+    kontext = torch.cat([ids, torch.cat([torch.ones(8, 1), flux_image_ids(2, 4)[:, 1:]], 1)])  # a 2x4 reference
+    assert image_grid_from_ids(kontext, "FLUX") == ((3, 5), 15)
     with pytest.raises(LayoutError, match="rectangular grid"):
-        flux_grid_from_ids(kontext)
-    with pytest.raises(LayoutError):
-        flux_grid_from_ids(ids[:-1])  # a partial grid
-    with pytest.raises(LayoutError):
-        flux_grid_from_ids(ids.flip(0))  # not row-major
+        image_grid_from_ids(ids[:-1], "FLUX")  # a partial grid
+    with pytest.raises(LayoutError, match="rectangular grid"):
+        image_grid_from_ids(ids.flip(0), "FLUX")  # not row-major
 
+    # FLUX Kontext: the reference tokens after the target are global tokens: a window covering the target
+    # reproduces the model, a small one changes the target and leaves no reference token unseen
     model = tiny_flux()
-    diffaccel.apply(model, "neighborhood", kernel_size=3, backend="torch")
+    x = flux_inputs(model, 3, 5)
+    x["img_ids"] = kontext
+    x["hidden_states"] = torch.cat([x["hidden_states"], torch.randn(1, 8, x["hidden_states"].shape[-1])], 1)
+    ref = run(model, x)
+    core = RecordingCore()
+    out = run_with_processor(model, x, make_processor("flux", core))
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    assert core.calls == [((3, 5), 5 + 8, True, 5 + 15 + 8)] * 2  # [text; refs] moved before the grid
+    diffaccel.apply(model, "neighborhood", kernel_size=5, backend="torch")
     try:
-        x = flux_inputs(model, 3, 5)
-        x["img_ids"] = kontext
-        x["hidden_states"] = torch.cat([x["hidden_states"]] * 2, 1)
-        with pytest.raises(LayoutError, match="Kontext"):
-            run(model, x)
+        torch.testing.assert_close(run(model, x), ref, atol=1e-5, rtol=1e-5)
     finally:
         diffaccel.remove(model)
 
 
-def test_track_layout_is_idempotent_and_binds():
+def test_track_layout_is_idempotent_and_leaves_models_without_processors_alone():
     model = tiny_wan()
+    x = TINY["wan"][1](model, 2, 4, 4)
+    ref = run(model, x)
     t1 = diffaccel.track_layout(model)
     t2 = diffaccel.track_layout(model)
-    assert t1 is t2 and len(model._forward_pre_hooks) == 1
-    run(model, TINY["wan"][1](model, 2, 4, 4))
-    assert t1.layout is None  # nothing of ours in the model: no layout computed
+    assert t1 is t2 and len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
+    seen = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(current_context()))
+    assert torch.equal(run(model, x), ref)  # nothing of ours in the model: inputs untouched
+    handle.remove()
+    assert seen[0] is not None and seen[0].model is model and seen[0].layout.grids == ((2, 2, 2),)
+    assert current_context() is None  # popped after the call
     untrack_layout(model)
-    assert get_tracker(model) is None and len(model._forward_pre_hooks) == 0
+    assert get_tracker(model) is None and len(model._forward_pre_hooks) == 0 and len(model._forward_hooks) == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import torch
 
 import tiny_models  # noqa: F401  (single-threaded torch, HF_HUB_OFFLINE)
 from diffaccel.cli import main as cli_main
-from diffaccel.pipelines import evaluate, shapes, small
+from diffaccel.pipelines import small
+from diffaccel.pipelines.small import evaluate, shapes
 
 SMALL = ["small-flux", "small-unet", "small-wan"]
 # Full attention at the native size, single-shape prompts x 16 steps (docs/small-models.md has the figures on 48
@@ -110,7 +111,7 @@ def test_dataset_coverage_marks_the_shapes():
 
 def test_shape_loss_weights():
     """`1 + W` on the shapes and within `margin` pixels of them (each frame alone), 1 elsewhere."""
-    from diffaccel.pipelines.train_small import shape_loss_weights
+    from diffaccel.pipelines.small.train import shape_loss_weights
 
     cover = torch.zeros(1, 1, 9, 9)
     cover[0, 0, 4, 4] = 1.0
@@ -327,7 +328,7 @@ def test_cli_train_small_few_steps(tmp_path):
 
 
 def test_learning_rate_schedule():
-    from diffaccel.pipelines.train_small import lr_at, train_small
+    from diffaccel.pipelines.small.train import lr_at, train_small
 
     assert lr_at(0, 1.0, warmup=4) == pytest.approx(0.25) and lr_at(3, 1.0, warmup=4) == 1.0
     assert lr_at(10**6, 1.0, warmup=4) == 1.0  # constant without a cooldown
@@ -341,7 +342,7 @@ def test_learning_rate_schedule():
 
 
 def test_training_noise_levels_follow_the_scheduler_shift(tmp_path):
-    from diffaccel.pipelines.train_small import sample_sigmas, train_small
+    from diffaccel.pipelines.small.train import sample_sigmas, train_small
 
     plain = sample_sigmas(20000, torch.Generator().manual_seed(0))
     shifted = sample_sigmas(20000, torch.Generator().manual_seed(0), shift=3.0)
@@ -382,7 +383,7 @@ def test_shipped_linfusion_distillation_is_closer_to_full_attention(pipes):
 def test_train_small_text_encoder_from_another_model(tmp_path):
     """`--text-encoder-from` starts the text encoder from a trained small pipeline (recorded in training.json);
     one with a different text-encoder architecture is refused, naming the argument."""
-    from diffaccel.pipelines.train_small import _copy_text_encoder
+    from diffaccel.pipelines.small.train import _copy_text_encoder
 
     out, work = tmp_path / "model", tmp_path / "run"
     cli_main(["train-small", "wan", "--max-steps", "1", "--batch-size", "2", "--lr", "1e-12", "--output", str(out),
@@ -422,7 +423,7 @@ def test_train_small_wan_image_fraction(tmp_path, monkeypatch):
     """`--image-fraction F` makes that fraction of a Wan run's steps image steps (single-frame clips with image
     captions), spread evenly (every step for 1); it is recorded in training.json, and a non-Wan run, a fraction
     outside [0, 1] or a temporal patch other than 1 is refused, naming the argument."""
-    from diffaccel.pipelines import train_small as ts
+    from diffaccel.pipelines.small import train as ts
 
     assert [ts.is_image_step(i, 0.5) for i in range(4)] == [False, True, False, True]
     assert [ts.is_image_step(i, 0.25) for i in range(8)] == [False, False, False, True] * 2
@@ -454,7 +455,7 @@ def test_train_small_wan_image_fraction(tmp_path, monkeypatch):
 def test_train_small_wan_patch_size(tmp_path):
     """`--patch-size` builds the Wan transformer with that patch (in the exported config); a resumed run keeps its
     checkpoint's, and a different one, a non-Wan run or a malformed value is refused, naming the argument."""
-    from diffaccel.pipelines.train_small import train_small
+    from diffaccel.pipelines.small.train import train_small
 
     out, work = tmp_path / "model", tmp_path / "run"
     args = ["train-small", "wan", "--max-steps", "1", "--batch-size", "2", "--output", str(out), "--work-dir",
@@ -503,7 +504,7 @@ def test_train_small_init_from_a_model_with_a_finer_patch(tmp_path, monkeypatch)
     """`--init-from small-wan --patch-size 1,2,2` starts from the shipped model converted by `repatch_wan`
     (recorded in training.json; a resumed run keeps the patch), `--mixed-precision bf16` trains under bf16
     autocast; a model of another kind or an unknown precision is refused, naming the argument."""
-    from diffaccel.pipelines.train_small import train_small
+    from diffaccel.pipelines.small.train import train_small
 
     autocast = []
     real = small.SmallWanPipeline.predict
@@ -531,7 +532,7 @@ def test_train_small_init_from_a_model_with_a_finer_patch(tmp_path, monkeypatch)
     # one step at lr 1e-12 (and the EMA) leaves the converted weights where they were
     assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
     assert autocast == [True]
-    from diffaccel.pipelines import train_small as ts
+    from diffaccel.pipelines.small import train as ts
 
     monkeypatch.setattr(ts, "_init_training", lambda init_from: {"read": "again"})
     cli_main(args[:3] + ["2"] + args[4:-6] + ["--resume"])
@@ -549,7 +550,7 @@ def test_train_small_shape_weight(tmp_path, monkeypatch):
     """`--shape-weight W` trains on the weighted mean of the squared error, weights `shape_loss_weights` of the
     batch's own coverage (video and image steps): with the weights replaced by ones the gradients are the plain
     run's, with the real ones they differ.  Recorded in training.json; a negative weight is refused by name."""
-    from diffaccel.pipelines import train_small as ts
+    from diffaccel.pipelines.small import train as ts
 
     real_weights, real_clip = ts.shape_loss_weights, torch.nn.utils.clip_grad_norm_
     grads, covers = [], []
@@ -595,7 +596,7 @@ def test_train_small_wan_image_teacher(tmp_path, monkeypatch):
     `--image-timestep-shift` is the image steps' noise shift (the video steps keep Wan's 3).  Both are recorded in
     training.json; a teacher or an image shift without image steps, a video teacher or a shift <= 0 is refused,
     naming the argument."""
-    from diffaccel.pipelines import train_small as ts
+    from diffaccel.pipelines.small import train as ts
 
     batches, losses, shifts = [], [], []
     real_batch, real_mse = ts.noisy_batch, torch.nn.functional.mse_loss
@@ -639,7 +640,7 @@ def test_video_teacher_sigma_targets():
     """With `--video-teacher-sigma S`, the video clips at noise levels <= S regress the image teacher's velocity
     frame by frame (each frame alone, captions without the motion words); the clips above S keep the sampled
     `noise - x0`; image steps take the teacher's for every clip."""
-    from diffaccel.pipelines import train_small as ts
+    from diffaccel.pipelines.small import train as ts
 
     teacher = small.load_small("small-unet")
     gen = torch.Generator().manual_seed(0)
@@ -666,7 +667,7 @@ def test_video_teacher_sigma_targets():
 def test_train_small_video_teacher_sigma(tmp_path):
     """`--video-teacher-sigma` is recorded in training.json; out of (0, 1] or without a teacher it is refused by
     name, before anything is written."""
-    from diffaccel.pipelines import train_small as ts
+    from diffaccel.pipelines.small import train as ts
 
     out = tmp_path / "model"
     cli_main(["train-small", "wan", "--max-steps", "2", "--batch-size", "2", "--output", str(out), "--work-dir",

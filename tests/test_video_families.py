@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import diffaccel
 from diffaccel import ops
-from diffaccel.families import self_attention_layers
+from diffaccel.context import current_context
+from diffaccel.families import get_family, self_attention_layers
 from diffaccel.processors import CogVideoXProcessor, HunyuanVideoProcessor, make_processor
 from tiny_models import (
     cogvideox_inputs,
@@ -154,12 +155,13 @@ def test_moba_second_size_reads_the_layout_per_call(name):
     # VMoBA-style cycle over the two layers: temporal blocks, then spatio-temporal ones (partial at borders)
     diffaccel.apply(model, "moba", partitions=[(1, None, None), (2, 2, 3)], topk=COVER, backend="torch")
     seen = []
+    block = model.transformer_blocks[0]
+    handle = block.register_forward_pre_hook(lambda m, a: seen.append(current_context().layout.single_grid))
     try:
-        tracker = diffaccel.layout.get_tracker(model)
         for x, ref in zip(xs, refs):
             torch.testing.assert_close(run(model, x), ref, atol=1e-5, rtol=1e-5)
-            seen.append(tracker.layout.single_grid)
     finally:
+        handle.remove()
         diffaccel.remove(model)
     assert seen == list(grids)
     diffaccel.apply(model, "moba", block=(1, 2, 2), topk=1, backend="torch")
@@ -285,40 +287,58 @@ def _layer_call(mask):
 
 
 @pytest.mark.parametrize("mask,match", [
-    (torch.ones(2, 1, 1, 7), "boolean"),  # a float (additive) mask
-    (torch.ones(2, 1, 7, 7, dtype=torch.bool), "shape"),  # a per-query mask
+    (torch.ones(2, 1, 1, 7), "boolean"),  # a float mask adding +1 to the logits, not hiding keys
     (torch.ones(2, 1, 1, 6, dtype=torch.bool), "shape"),  # wrong length
     (torch.ones(3, 1, 1, 7, dtype=torch.bool), "shape"),  # wrong batch
-    (torch.tensor([[1, 1, 1, 1, 1, 0, 1]] * 2, dtype=torch.bool)[:, None, None], "prefix"),  # a hole in the text
-    (torch.tensor([[0, 1, 1, 1, 1, 1, 1]] * 2, dtype=torch.bool)[:, None, None], "video tokens"),
+    (torch.ones(2, 2, 1, 7, dtype=torch.bool), "shape"),  # per head
+    (torch.tensor([[0, 1, 1, 1, 1, 1, 1]] * 2, dtype=torch.bool)[:, None, None], "image tokens"),
+    (torch.eye(7, dtype=torch.bool)[None, None].expand(2, 1, 7, 7), "some queries"),  # not a padding mask
     ("yes", "torch.Tensor"),
 ])
 def test_hunyuan_bad_attention_mask_is_a_clear_error(mask, match):
     with pytest.raises(ValueError, match=f"attention_mask.*{match}"):
         _layer_call(mask)
-    # the same shapes in the forms the processor accepts: [B, N] and a broadcast batch of 1
+    # the forms the processor accepts: [B, N], a broadcast batch of 1, an additive 0 / -inf mask, a hole in the
+    # text (any pattern of valid text: Qwen-Image's mask may have one), a per-query mask with every key valid
     ok = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    hole = torch.tensor([[1, 1, 1, 1, 1, 0, 1]] * 2, dtype=torch.bool)
     assert _layer_call(ok)[0].shape == (2, 4, 12 * 2)
     assert _layer_call(ok[:1, None, None])[1].shape == (2, 3, 12 * 2)
+    assert _layer_call(torch.zeros(2, 7).masked_fill(~ok, float("-inf")))[0].shape == (2, 4, 12 * 2)
+    assert _layer_call(hole)[0].shape == (2, 4, 12 * 2)
+    assert _layer_call(torch.ones(2, 1, 7, 7, dtype=torch.bool))[0].shape == (2, 4, 12 * 2)
 
 
-def test_hunyuan_mask_is_read_once_per_tensor(monkeypatch):
-    """The model passes one mask object to every block: its host read happens once while it is unchanged,
-    again when it is a new tensor or was modified in place (which is then checked again)."""
-    from diffaccel import processors
+def test_hunyuan_text_with_a_hole_matches_stock():
+    torch.manual_seed(0)
+    model = _model("hunyuan_video")
+    attn = model.transformer_blocks[0].attn
+    hs, ehs = torch.randn(2, 4, attn.query_dim), torch.randn(2, 3, attn.query_dim)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 1], [1, 1, 1, 1, 0, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        ref = attn.processor(attn, hs, ehs, attention_mask=mask[:, None, None])
+        out = HunyuanVideoProcessor(dense_core, grid=(1, 2, 2))(attn, hs, ehs, attention_mask=mask)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_hunyuan_mask_is_read_once_per_call(monkeypatch):
+    """The model passes one mask object to every block: its host read happens once per call."""
+    from diffaccel import context
 
     reads = []
-    real = processors._read_text_padding
-    monkeypatch.setattr(processors, "_read_text_padding", lambda *a: reads.append(1) or real(*a))
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
-    for _ in range(3):
-        assert processors.text_padding_lengths(mask, 2, 4, 3) == [2, 0]
-    assert len(reads) == 1
-    assert processors.text_padding_lengths(mask, 2, 3, 4) == [3, 1] and len(reads) == 2  # other sizes
-    assert processors.text_padding_lengths(mask.clone(), 2, 3, 4) == [3, 1] and len(reads) == 3  # another tensor
-    mask[0, 0] = False  # in place: now masks a video token
-    with pytest.raises(ValueError, match="attention_mask masks video tokens"):
-        processors.text_padding_lengths(mask, 2, 3, 4)
+    real = context.key_padding
+    monkeypatch.setattr(context, "key_padding", lambda *a: reads.append(1) or real(*a))
+    model = _model("hunyuan_video")
+    x = _inputs("hunyuan_video", (2, 8, 8), batch=2, valid_text=[5, 3])
+    diffaccel.apply(model, "neighborhood", kernel_size=3, backend="torch")
+    try:
+        run(model, x)
+        assert len(reads) == 1  # two patched layers, one mask tensor
+        run(model, x)
+        assert len(reads) == 2  # a new call builds a new mask
+    finally:
+        diffaccel.remove(model)
 
 
 def test_cogvideox_rejects_attention_mask_and_reads_frames_before_channels():
@@ -328,14 +348,14 @@ def test_cogvideox_rejects_attention_mask_and_reads_frames_before_channels():
     with torch.no_grad(), pytest.raises(ValueError, match="attention_mask"):
         proc(attn, torch.randn(1, 4, 16), torch.randn(1, 5, 16), attention_mask=torch.ones(1, 9))
     # layout: [B, F, C, H, W]; CogVideoX 1.5 groups patch_size_t = 2 latent frames per token
-    fn = diffaccel.layout.layout_fn("cogvideox")
+    fn = get_family("cogvideox").layout
     hs = torch.zeros(1, 4, 4, 6, 10)
     ehs = torch.zeros(1, 7, 16)
     get = {"hidden_states": hs, "encoder_hidden_states": ehs}.get
     assert fn(model, get).grids == ((4, 3, 5),) and fn(model, get).text_len == 7
     assert fn(_model("cogvideox15"), get).grids == ((2, 3, 5),)
     hv_get = {"hidden_states": torch.zeros(1, 4, 3, 6, 10), "encoder_hidden_states": ehs}.get
-    assert diffaccel.layout.layout_fn("hunyuan_video")(_model("hunyuan_video"), hv_get).grids == ((3, 3, 5),)
+    assert get_family("hunyuan_video").layout(_model("hunyuan_video"), hv_get).grids == ((3, 3, 5),)
 
 
 @pytest.mark.parametrize("name", ["hunyuan_video", "cogvideox15"])
@@ -343,9 +363,10 @@ def test_triton_backend_covering_reproduces(name):
     """The Triton kernels (interpreted on CPU) on the processors' sliced / transposed inputs."""
     model = _model(name)
     extra = dict(batch=2, valid_text=[5, 3]) if name == "hunyuan_video" else {}
-    x = _inputs(name, (2, 4, 4), **extra)
+    x = _inputs(name, (2, 4, 4), **extra)  # token grids (2, 2, 2) / (1, 2, 2): 2 / 1 blocks of (1, 2, 2)
     ref = run(model, x)
-    diffaccel.apply(model, "moba", block=(1, 2, 2), topk=COVER, backend="triton")
+    # topk=2 keeps every block of these grids (as COVER would) with one step of the interpreted gate loop
+    diffaccel.apply(model, "moba", block=(1, 2, 2), topk=2, backend="triton")
     try:
         torch.testing.assert_close(run(model, x), ref, atol=1e-5, rtol=1e-5)
     finally:

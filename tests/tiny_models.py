@@ -332,3 +332,340 @@ TINY.update({
     "hunyuan_video": (tiny_hunyuan_video, hunyuan_video_inputs),
     "cogvideox": (tiny_cogvideox, cogvideox_inputs),
 })
+
+
+# --- the current diffusers families: FLUX.2, FLUX.3, Chroma, Qwen-Image (2.1), HunyuanVideo 1.5, LTX-2,
+# Z-Image.  Configs follow the shapes of diffusers' own tiny test models, shrunk further.
+
+FLUX2_CONFIG = dict(
+    patch_size=1,
+    in_channels=4,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=16,
+    timestep_guidance_channels=16,
+    mlp_ratio=2.0,
+    axes_dims_rope=(4, 4, 4, 4),
+    guidance_embeds=False,
+)
+
+FLUX3_CONFIG = dict(
+    in_channels=4,
+    cond_in_channels=4,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=16,
+    timestep_channels=16,
+    mlp_ratio=2.0,
+    axes_dims_rope=(4, 4, 4, 4),
+)
+
+CHROMA_CONFIG = dict(
+    patch_size=1,
+    in_channels=4,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=16,
+    axes_dims_rope=(4, 6, 6),
+    approximator_num_channels=8,
+    approximator_hidden_dim=16,
+    approximator_layers=1,
+)
+
+QWENIMAGE_CONFIG = dict(
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=16,
+    axes_dims_rope=(4, 6, 6),
+)
+
+QWENIMAGE21_CONFIG = dict(
+    patch_size=1,
+    in_channels=4,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    context_in_dim=8,
+    mlp_ratio=2,
+    axes_dims_rope=(4, 6, 6),
+)
+
+HUNYUAN_VIDEO15_CONFIG = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    num_layers=2,
+    num_refiner_layers=1,
+    mlp_ratio=2.0,
+    patch_size=1,
+    patch_size_t=1,
+    text_embed_dim=16,
+    text_embed_2_dim=8,
+    image_embed_dim=12,
+    rope_axes_dim=(2, 2, 4),
+    target_size=16,
+    task_type="t2v",
+)
+
+LTX2_CONFIG = dict(
+    in_channels=4,
+    out_channels=4,
+    patch_size=1,
+    patch_size_t=1,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    cross_attention_dim=16,
+    audio_in_channels=4,
+    audio_out_channels=4,
+    audio_num_attention_heads=2,
+    audio_attention_head_dim=4,
+    audio_cross_attention_dim=8,
+    num_layers=2,
+    qk_norm="rms_norm_across_heads",
+    caption_channels=16,
+    rope_double_precision=False,
+)
+
+ZIMAGE_CONFIG = dict(
+    all_patch_size=(2,),
+    all_f_patch_size=(1,),
+    in_channels=4,
+    dim=16,
+    n_layers=1,
+    n_refiner_layers=1,
+    n_heads=2,
+    n_kv_heads=2,
+    qk_norm=True,
+    cap_feat_dim=16,
+    rope_theta=256.0,
+    t_scale=1000.0,
+    axes_dims=[4, 2, 2],
+    axes_lens=[256, 32, 32],
+)
+
+
+def _tiny(class_name, config, seed, overrides):
+    import diffusers
+
+    return _build(getattr(diffusers, class_name), {**config, **overrides}, seed)
+
+
+def tiny_flux2(seed=0, **overrides):
+    return _tiny("Flux2Transformer2DModel", FLUX2_CONFIG, seed, overrides)
+
+
+def tiny_flux3(seed=0, **overrides):
+    return _tiny("Flux3Transformer2DModel", FLUX3_CONFIG, seed, overrides)
+
+
+def tiny_chroma(seed=0, **overrides):
+    return _tiny("ChromaTransformer2DModel", CHROMA_CONFIG, seed, overrides)
+
+
+def tiny_qwenimage(seed=0, **overrides):
+    return _tiny("QwenImageTransformer2DModel", QWENIMAGE_CONFIG, seed, overrides)
+
+
+def tiny_qwenimage21(seed=0, **overrides):
+    return _tiny("QwenImage21Transformer2DModel", QWENIMAGE21_CONFIG, seed, overrides)
+
+
+def tiny_hunyuan_video15(seed=0, **overrides):
+    return _tiny("HunyuanVideo15Transformer3DModel", HUNYUAN_VIDEO15_CONFIG, seed, overrides)
+
+
+def tiny_ltx2(seed=0, **overrides):
+    return _tiny("LTX2VideoTransformer3DModel", LTX2_CONFIG, seed, overrides)
+
+
+def tiny_zimage(seed=0, **overrides):
+    return _tiny("ZImageTransformer2DModel", ZIMAGE_CONFIG, seed, overrides)
+
+
+def _text_mask(batch, text_len, valid_text):
+    mask = torch.ones(batch, text_len, dtype=torch.bool)
+    for b, n in enumerate(valid_text or ()):
+        mask[b, n:] = False
+    return mask
+
+
+def flux4_ids(height, width, t=0):
+    """FLUX.2 / FLUX.3 ``img_ids``: ``[height*width, 4]`` of (t, row, col, layer), as Flux2Pipeline builds them."""
+    ids = torch.cartesian_prod(torch.tensor([t]), torch.arange(height), torch.arange(width), torch.tensor([0]))
+    return ids.float()
+
+
+def flux2_inputs(model, height=4, width=4, batch=1, text_len=5, refs=(), seed=0):
+    """``refs``: ``(h, w)`` of reference images appended after the target (t = 10, 20, ...)."""
+    g = _gen(seed)
+    c = model.config
+    ids = [flux4_ids(height, width)] + [flux4_ids(h, w, t=10 * (i + 1)) for i, (h, w) in enumerate(refs)]
+    ids = torch.cat(ids)
+    return dict(
+        hidden_states=torch.randn(batch, ids.shape[0], c.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(batch, text_len, c.joint_attention_dim, generator=g),
+        timestep=torch.full((batch,), 0.5),
+        img_ids=ids,
+        txt_ids=torch.zeros(text_len, 4),
+    )
+
+
+def flux3_inputs(model, height=4, width=4, batch=1, text_len=5, ref=None, seed=0):
+    """``ref``: ``(h, w)`` of one reference image (``image_cond_hidden_states``)."""
+    g = _gen(seed)
+    c = model.config
+    inputs = dict(
+        hidden_states=torch.randn(batch, height * width, c.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(batch, text_len, c.joint_attention_dim, generator=g),
+        timestep=torch.full((batch,), 0.5),
+        img_ids=flux4_ids(height, width),
+        txt_ids=torch.zeros(text_len, 4),
+    )
+    if ref is not None:
+        h, w = ref
+        inputs["image_cond_hidden_states"] = torch.randn(batch, h * w, c.cond_in_channels, generator=g)
+        inputs["image_cond_ids"] = flux4_ids(h, w, t=10)
+    return inputs
+
+
+def chroma_inputs(model, height=4, width=4, batch=1, text_len=5, valid_text=None, seed=0):
+    """``valid_text``: per batch element, the valid leading text tokens (a boolean ``attention_mask`` over
+    ``[text; image]``, as ChromaPipeline builds it but boolean)."""
+    g = _gen(seed)
+    c = model.config
+    inputs = dict(
+        hidden_states=torch.randn(batch, height * width, c.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(batch, text_len, c.joint_attention_dim, generator=g),
+        timestep=torch.full((batch,), 0.5),
+        img_ids=flux_image_ids(height, width),
+        txt_ids=torch.zeros(text_len, 3),
+    )
+    if valid_text is not None:
+        inputs["attention_mask"] = torch.cat([_text_mask(batch, text_len, valid_text),
+                                              torch.ones(batch, height * width, dtype=torch.bool)], dim=1)
+    return inputs
+
+
+def _qwen_pack(batch, h, w, channels, g):
+    """Packed latents of an ``h x w`` token image (2 x 2 patches, as QwenImagePipeline packs them)."""
+    return torch.randn(batch, h * w, channels, generator=g)
+
+
+def qwenimage_inputs(model, height=4, width=4, batch=1, text_len=5, valid_text=None, cond=None, seed=0):
+    """``height x width`` target tokens; ``cond``: ``(h, w)`` of an edit condition image packed after it;
+    ``valid_text``: per batch element, the valid leading text tokens (``encoder_hidden_states_mask``)."""
+    g = _gen(seed)
+    c = model.config
+    shapes = [(1, height, width)] + ([(1, *cond)] if cond else [])
+    n = sum(h * w for _, h, w in shapes)
+    inputs = dict(
+        hidden_states=_qwen_pack(batch, n, 1, c.in_channels, g),
+        encoder_hidden_states=torch.randn(batch, text_len, c.joint_attention_dim, generator=g),
+        timestep=torch.full((batch,), 0.5),
+        img_shapes=[shapes] * batch,
+    )
+    if valid_text is not None:
+        inputs["encoder_hidden_states_mask"] = _text_mask(batch, text_len, valid_text).long()
+    return inputs
+
+
+def qwenimage21_inputs(model, height=4, width=4, batch=1, text_len=4, cond=None, valid_text=None, seed=0):
+    """Text, an optional ``cond`` ``(h, w)`` condition image (its 2 x 2 slots after the text), then the
+    ``height x width`` target (even sizes: one vision slot per 2 x 2 latent tokens)."""
+    g = _gen(seed)
+    c = model.config
+    shapes = ([(1, *cond)] if cond else []) + [(1, height, width)]
+    cond_tokens = cond[0] * cond[1] if cond else 0
+    slots = text_len + cond_tokens // 4 + height * width // 4
+    img_mask = torch.zeros(batch, slots, dtype=torch.bool)
+    img_mask[:, text_len:] = True
+    ehs_len = text_len + cond_tokens // 4
+    inputs = dict(
+        hidden_states=torch.randn(batch, cond_tokens + height * width, c.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(batch, ehs_len, c.context_in_dim, generator=g),
+        encoder_hidden_states_mask=torch.ones(batch, ehs_len, dtype=torch.long),
+        timestep=torch.full((batch,), 0.5),
+        img_shapes=[shapes] * batch,
+        img_mask=img_mask,
+    )
+    for b, v in enumerate(valid_text or ()):
+        inputs["encoder_hidden_states_mask"][b, v:text_len] = 0
+    return inputs
+
+
+def hunyuan_video15_inputs(model, frames=1, height=8, width=8, batch=1, text_len=6, valid_text=None, seed=0):
+    """``valid_text``: per batch element, the valid Qwen text tokens (``encoder_attention_mask``)."""
+    g = _gen(seed)
+    c = model.config
+    return dict(
+        hidden_states=torch.randn(batch, c.in_channels, frames, height, width, generator=g),
+        timestep=torch.full((batch,), 1.0),
+        encoder_hidden_states=torch.randn(batch, text_len, c.text_embed_dim, generator=g),
+        encoder_hidden_states_2=torch.randn(batch, 4, c.text_embed_2_dim, generator=g),
+        encoder_attention_mask=_text_mask(batch, text_len, valid_text).float(),
+        encoder_attention_mask_2=torch.ones(batch, 4),
+        image_embeds=torch.zeros(batch, 3, c.image_embed_dim),
+    )
+
+
+def ltx2_inputs(model, frames=2, height=4, width=4, batch=1, text_len=5, seed=0):
+    g = _gen(seed)
+    c = model.config
+    return dict(
+        hidden_states=torch.randn(batch, frames * height * width, c.in_channels, generator=g),
+        audio_hidden_states=torch.randn(batch, 5, c.audio_in_channels, generator=g),
+        encoder_hidden_states=torch.randn(batch, text_len, c.caption_channels, generator=g),
+        audio_encoder_hidden_states=torch.randn(batch, text_len, c.caption_channels, generator=g),
+        timestep=torch.full((batch,), 500.0),
+        encoder_attention_mask=torch.ones(batch, text_len, dtype=torch.bool),
+        num_frames=frames,
+        height=height,
+        width=width,
+        audio_num_frames=5,
+        fps=25.0,
+    )
+
+
+def zimage_inputs(model, height=8, width=8, batch=1, text_len=6, text_lens=None, seed=0):
+    """``x``: one ``[C, 1, height, width]`` latent per sample (tokens ``height/2 x width/2``); ``text_lens``:
+    a caption length per sample (different lengths give the unified sequence a padding mask)."""
+    g = _gen(seed)
+    c = model.config
+    lens = list(text_lens) if text_lens is not None else [text_len] * batch
+    return dict(
+        x=[torch.randn(c.in_channels, 1, height, width, generator=g) for _ in range(batch)],
+        cap_feats=[torch.randn(n, c.cap_feat_dim, generator=g) for n in lens],
+        t=torch.full((batch,), 0.5),
+    )
+
+
+TINY.update({
+    "flux2": (tiny_flux2, flux2_inputs),
+    "flux3": (tiny_flux3, flux3_inputs),
+    "chroma": (tiny_chroma, chroma_inputs),
+    "qwenimage": (tiny_qwenimage, qwenimage_inputs),
+    "qwenimage21": (tiny_qwenimage21, qwenimage21_inputs),
+    "hunyuan_video15": (tiny_hunyuan_video15, hunyuan_video15_inputs),
+    "ltx2": (tiny_ltx2, ltx2_inputs),
+    "zimage": (tiny_zimage, zimage_inputs),
+})
+
+
+def output_of(result):
+    """The sample of a model call with ``return_dict=False`` (LTX-2: video and audio; Z-Image: a list)."""
+    out = result[0]
+    if isinstance(out, (list, tuple)):
+        return torch.cat([o.flatten() for o in out])
+    return out

@@ -1,4 +1,7 @@
-"""Method "clear": CLEAR's local attention for MM-DiTs (FLUX, SD3).
+"""Method "clear": CLEAR's local attention for MM-DiTs (FLUX, SD3, FLUX.2, Chroma, Qwen-Image).
+
+The op is :func:`diffaccel.ops.local_attention` and its kernels are ``kernels/local_*.py``
+(method ``clear`` -> op ``local_attention`` -> kernels ``local_*``).
 
     diffaccel.apply(pipe, "clear", radius=16, weights="Huage001/CLEAR")              # clear_local_16.safetensors
     diffaccel.apply(pipe, "clear", radius=8, down_factor=4, weights="ckpt/clear_local_8_down_4.safetensors",
@@ -30,35 +33,31 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from .._validate import BACKENDS, resolve_backend
-from ..processors import FluxProcessor, PatternProcessor, SD3Processor, swap_processors
+from .._validate import positive_number
+from ..api import denoisers
+from ..bench import Case
+from ..families import get_family, self_attention_layers
 from ..io import hub_fetch, is_hub_repo_id
-from ..registry import Method, register_method
+from ..processors import PatternProcessor, StockProcessor, swap_processors
+from ..registry import BenchSpec, Method, check_backend_option, register_method
 
 __all__ = [
     "ClearOptions",
     "ClearProcessorMixin",
     "ClearFluxProcessor",
     "ClearSD3Processor",
+    "clear_processor_class",
     "clear_filename",
     "clear_state_dict",
     "save_clear",
     "install",
-    "TRAIN_TOKENS",
 ]
 
-# Token count of the training resolution (1024 x 1024: a 64 x 64 grid) plus the text: the base of the
-# proportional-attention log.  FLUX: 512 T5 tokens (CLEAR's ``train_seq_len = 64 ** 2 + 512``);
-# SD3: 77 CLIP + 256 T5 tokens.
-TRAIN_TOKENS = {"flux": 64 * 64 + 512, "sd3": 64 * 64 + 333}
+BACKENDS = ("triton", "flex", "torch")
+# the MM-DiT image families whose joint attention matches CLEAR's ([text; image] or [image; text])
+FAMILIES = ("flux", "sd3", "flux2", "chroma", "qwenimage")
 _PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 _SPATIAL = "processor.spatial_weight"
-
-
-def _positive_number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return value
 
 
 @dataclass
@@ -82,9 +81,9 @@ class ClearOptions:
     proportional_attention: softmax scale ``sqrt(log_base(N) / D)`` with ``N`` the
         call's token count (text + image, pooled tokens excluded) times
         ``proportional_n_factor`` and ``base = train_tokens``; ``False``: ``1/sqrt(D)``.
-    train_tokens: the base of that log, default :data:`TRAIN_TOKENS` of the family
-        (FLUX 4608, SD3 4429: 1024 x 1024 plus the text).  ``N = train_tokens`` gives
-        ``1/sqrt(D)``.
+    train_tokens: the base of that log, default the family's ``native_tokens``
+        (``diffaccel.families``: FLUX, FLUX.2 and Chroma 4608, SD3 4429: 1024 x 1024 plus the
+        text; families without one need it given).  ``N = train_tokens`` gives ``1/sqrt(D)``.
     proportional_n_factor: multiplies ``N`` inside the log (default 1).  CLEAR's
         released pooled-token processor uses 10 (``log(10 * N, base)``); pass 10
         to reproduce it exactly with the ``_down_`` checkpoints.
@@ -106,7 +105,7 @@ class ClearOptions:
     backend: str | None = None
 
     def __post_init__(self):
-        self.radius = float(_positive_number("radius", self.radius))
+        self.radius = positive_number("radius", self.radius)
         d = self.down_factor
         if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
             raise ValueError(f"down_factor must be None, 1 (no pooled tokens) or an int >= 2, got {d!r}")
@@ -122,17 +121,16 @@ class ClearOptions:
                 raise ValueError(f"weights_file must be a file name in the Hub repo, got {self.weights_file!r}")
             if not isinstance(w, str):
                 raise ValueError("weights_file needs weights=<Hub repo id>")
-        self.ntk_factor = float(_positive_number("ntk_factor", self.ntk_factor))
+        self.ntk_factor = positive_number("ntk_factor", self.ntk_factor)
         if not isinstance(self.proportional_attention, bool):
             raise ValueError(f"proportional_attention must be a bool, got {self.proportional_attention!r}")
         t = self.train_tokens
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 2):
             raise ValueError(f"train_tokens must be None or an int >= 2, got {t!r}")
-        self.proportional_n_factor = float(_positive_number("proportional_n_factor", self.proportional_n_factor))
+        self.proportional_n_factor = positive_number("proportional_n_factor", self.proportional_n_factor)
         if not isinstance(self.keep_original_weights, bool):
             raise ValueError(f"keep_original_weights must be a bool, got {self.keep_original_weights!r}")
-        if self.backend is not None and self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None, got {self.backend!r}")
+        check_backend_option(self.backend, BACKENDS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,17 +138,27 @@ class ClearOptions:
 
 
 class ClearProcessorMixin(PatternProcessor):
-    """CLEAR on top of a family processor: the core is :func:`diffaccel.ops.local_attention`;
-    with ``down_factor`` the processor owns ``spatial_weight`` ``[1,1,1,d,1,d,1]`` (CLEAR's
-    parameter, saved as ``<layer>.processor.spatial_weight``)."""
+    """CLEAR on top of a family processor (see :func:`clear_processor_class`): the core is
+    :func:`diffaccel.ops.local_attention`; with ``down_factor`` the processor owns ``spatial_weight``
+    ``[1,1,1,d,1,d,1]`` (CLEAR's parameter, saved as ``<layer>.processor.spatial_weight``).  Only the
+    core and its arguments change, so the family's processor (diffusers' own, wrapped) does the rest;
+    CLEAR's trained projections are loaded into the model's own ``to_q/k/v/out`` by ``install``."""
 
     def __init__(self, radius, *, down_factor=None, proportional_attention=False, train_tokens=None,
-                 proportional_n_factor=1.0, backend=None, grid=None, device=None, dtype=None):
-        super().__init__(functools.partial(ops.local_attention, radius=float(radius), backend=backend), grid=grid)
+                 proportional_n_factor=1.0, backend=None, grid=None, device=None, dtype=None, like=None):
+        core = functools.partial(ops.local_attention, radius=float(radius), backend=backend)
+        if isinstance(self, StockProcessor):
+            super().__init__(core, grid=grid, like=like)
+        else:
+            super().__init__(core, grid=grid)
         self.radius = float(radius)
         self.down_factor = down_factor
         self.proportional_attention = bool(proportional_attention)
-        self.train_tokens = int(train_tokens or TRAIN_TOKENS[self.family])
+        base = train_tokens or get_family(self.family).native_tokens
+        if base is None and self.proportional_attention:
+            raise ValueError(f"proportional_attention needs train_tokens for family {self.family!r} (the tokens of "
+                             "one call at its training resolution: image grid + text)")
+        self.train_tokens = int(base) if base else None
         self.proportional_n_factor = float(proportional_n_factor)
         if down_factor is not None:
             d = int(down_factor)
@@ -164,10 +172,11 @@ class ClearProcessorMixin(PatternProcessor):
         n = max(n_tokens * self.proportional_n_factor, 2.0)
         return math.sqrt(math.log(n, self.train_tokens) / head_dim)
 
-    def attend(self, q, k, v, *, grid, text_len, text_first):
+    def attend(self, q, k, v, *, grid, text_len, text_first, scale=None):
         d = self.down_factor
         pool_weight = None if d is None else self.spatial_weight.reshape(d, d)
-        scale = self.softmax_scale(text_len + math.prod(grid), q.shape[-1])
+        if self.proportional_attention:
+            scale = self.softmax_scale(text_len + math.prod(grid), q.shape[-1])
         return self.core(q, k, v, grid=grid, text_len=text_len, text_first=text_first, down_factor=d,
                          pool_weight=pool_weight, scale=scale)
 
@@ -184,24 +193,48 @@ class ClearProcessorMixin(PatternProcessor):
         return ", ".join(parts)
 
 
-class ClearFluxProcessor(ClearProcessorMixin, FluxProcessor):
-    """CLEAR on ``FluxAttention`` (double- and single-stream blocks), mirroring ``FluxAttnProcessor``."""
+_CLASSES = {}
 
 
-class ClearSD3Processor(ClearProcessorMixin, SD3Processor):
-    """CLEAR on SD3's joint ``attn`` ([image; text]) and SD3.5's image-only ``attn2``."""
+def clear_processor_class(processor_cls):
+    """``Clear<Name>``: CLEAR on top of a family's processor class (cached)."""
+    cls = _CLASSES.get(processor_cls)
+    if cls is None:
+        cls = type(f"Clear{processor_cls.__name__}", (ClearProcessorMixin, processor_cls),
+                   {"__doc__": f"CLEAR on {processor_cls.__name__}.", "__module__": __name__})
+        _CLASSES[processor_cls] = cls
+    return cls
 
 
-_PROCESSORS = {"flux": ClearFluxProcessor, "sd3": ClearSD3Processor}
+def __getattr__(name):  # ClearFluxProcessor, ClearSD3Processor, ...: CLEAR on a family's processor class
+    if name.startswith("Clear") and name.endswith("Processor"):
+        from .. import processors
+
+        try:
+            return clear_processor_class(getattr(processors, name[len("Clear"):]))
+        except AttributeError:
+            pass
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _make_processor(family, options, attn):
-    ref = attn.to_q.weight
-    return _PROCESSORS[family](
+    ref = _projection(attn).weight
+    cls = clear_processor_class(family.processor_for(attn))
+    kwargs = dict(like=attn.processor) if issubclass(cls, StockProcessor) else {}
+    return cls(
         options.radius, down_factor=options.down_factor, proportional_attention=options.proportional_attention,
         train_tokens=options.train_tokens, proportional_n_factor=options.proportional_n_factor,
-        backend=options.backend, device=ref.device, dtype=ref.dtype,
+        backend=options.backend, device=ref.device, dtype=ref.dtype, **kwargs,
     )
+
+
+def _projection(attn):
+    """The query projection of an attention module (``to_q``, or a fused ``to_qkv*``)."""
+    for name in ("to_q", "to_qkv", "to_qkv_mlp_proj"):
+        sub = getattr(attn, name, None)
+        if isinstance(sub, torch.nn.Linear):
+            return sub
+    raise ValueError(f"{type(attn).__name__} has no query projection CLEAR knows (to_q / to_qkv)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +292,19 @@ class _Source:
 
     def get(self, key):
         return self._file.get_tensor(key) if self._file is not None else self._tensors[key]
+
+    def checked(self, key, like):
+        """Tensor ``key`` read and cast to ``like``'s dtype; ``ValueError`` naming the checkpoint and the key
+        if it cannot be read or cast, or holds NaN / inf."""
+        try:
+            t = self.get(key).to(dtype=like.dtype, device="cpu")
+        except Exception as e:
+            raise ValueError(f"CLEAR checkpoint {self.label}: cannot read tensor {key!r}: "
+                             f"{type(e).__name__}: {e}; nothing was loaded") from e
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"CLEAR checkpoint {self.label}: tensor {key!r} holds NaN or inf values "
+                             "(a corrupt or diverged checkpoint); nothing was loaded")
+        return t
 
 
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -368,12 +414,7 @@ def save_clear(model_or_pipe, path, *, dtype=None):
 
 
 def _denoiser(model_or_pipe):
-    if isinstance(model_or_pipe, torch.nn.Module):
-        return model_or_pipe
-    model = getattr(model_or_pipe, "transformer", None)
-    if isinstance(model, torch.nn.Module):
-        return model
-    raise ValueError(f"expected a FLUX/SD3 transformer or a pipeline with .transformer, got {type(model_or_pipe).__name__}")
+    return denoisers(model_or_pipe)[0][1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,20 +422,16 @@ def _denoiser(model_or_pipe):
 
 
 def _ntk_pos_embed(model, family, factor):
-    """A copy of ``model.pos_embed`` with ``theta * factor`` (``None`` when ``factor == 1``)."""
+    """``(attribute, a copy of the model's rotary embedding with theta * factor)`` (``None`` when
+    ``factor == 1``)."""
     if factor == 1.0:
         return None
-    if family != "flux":
+    if family.scaled_rope is None:
         raise ValueError(
             f"ntk_factor={factor:g} scales rotary position embeddings, but {type(model).__name__} has none "
-            "(SD3 uses absolute position embeddings); leave ntk_factor=1"
+            "(e.g. SD3 uses absolute position embeddings); leave ntk_factor=1"
         )
-    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
-
-    old = getattr(model, "pos_embed", None)
-    if type(old) is not FluxPosEmbed:
-        raise ValueError(f"ntk_factor needs the model's FluxPosEmbed, found {type(old).__name__}")
-    return FluxPosEmbed(theta=old.theta * factor, axes_dim=list(old.axes_dim))
+    return family.scaled_rope(model, factor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,12 +442,10 @@ def install(model, family, options, layers):
     """Install CLEAR processors on ``layers`` ``[(name, attention)]``, load ``options.weights``, scale RoPE;
     returns the undo callable.  All-or-nothing: every check (checkpoint keys and shapes included) runs
     before the model changes."""
-    if family not in _PROCESSORS:
-        raise ValueError(f"method 'clear' supports FLUX and SD3 transformers, not family {family!r}")
+    if family.name not in FAMILIES:
+        raise ValueError(f"method 'clear' supports the families {FAMILIES}, not {family.name!r}")
     if not layers:
         return lambda: None
-    if options.backend is not None:
-        resolve_backend(options.backend, layers[0][1].to_q.weight.device)  # fail now, not at the first call
     pos_embed = _ntk_pos_embed(model, family, options.ntk_factor)
 
     name_of = {id(m): n for n, m in model.named_modules()}
@@ -419,8 +454,6 @@ def install(model, family, options, layers):
     source = None
     if options.weights is not None:
         source = _Source(options.weights, options)
-        from ..families import self_attention_layers
-
         all_names = [n for n, _ in self_attention_layers(model, family)]
         problems = check_checkpoint(source.meta, layers, options.down_factor, all_names)
         if problems:
@@ -432,12 +465,16 @@ def install(model, family, options, layers):
         for key, (_, target) in expected_keys(layers, options.down_factor).items():
             if not isinstance(target, tuple):
                 loads.append((target, key))
+        # every tensor is read, cast and checked before anything changes: a failure part-way must not
+        # leave some projections overwritten (with keep_original_weights=False there is nothing to restore)
+        for param, key in loads:
+            source.checked(key, param)
 
     processors = {name: _make_processor(family, options, attn) for name, attn in layers}
     if source is not None and options.down_factor:
         with torch.no_grad():
             for name, proc in processors.items():
-                proc.spatial_weight.copy_(source.get(f"{name}.{_SPATIAL}"))
+                proc.spatial_weight.copy_(source.checked(f"{name}.{_SPATIAL}", proc.spatial_weight))
 
     # change the model: weights, then processors, then RoPE; undo in reverse
     originals = []
@@ -456,12 +493,13 @@ def install(model, family, options, layers):
     undo_processors = swap_processors(model, processors)
     old_pos_embed = None
     if pos_embed is not None:
-        old_pos_embed = model.pos_embed
-        model.pos_embed = pos_embed
+        attr, new = pos_embed
+        old_pos_embed = (attr, getattr(model, attr))
+        setattr(model, attr, new)
 
     def undo():
         if old_pos_embed is not None:
-            model.pos_embed = old_pos_embed
+            setattr(model, *old_pos_embed)
         undo_processors()
         if loads and not restorable:
             warnings.warn("diffaccel.remove: the CLEAR projections stay loaded (keep_original_weights=False)",
@@ -474,13 +512,76 @@ def install(model, family, options, layers):
     return undo
 
 
+def default_settings(grid):
+    """Radius of half a side, then a quarter of it with 4 x 4 pooled tokens (images only)."""
+    if len(grid) != 2:
+        return []
+    g = min(grid)
+    return [dict(radius=max(g // 2, 1)), dict(radius=max(g // 4, 1), down_factor=4)]
+
+
+def trainable_parameters(model, layers):
+    """CLEAR fine-tunes each patched layer's image-stream projections (``to_q/k/v/out``, or the fused
+    ones) and, with pooled tokens, the processors' ``spatial_weight``."""
+    params = []
+    for _, attn in layers:
+        for proj in _PROJECTIONS + ("to_qkv", "to_qkv_mlp_proj"):
+            sub = getattr(attn, proj, None)
+            if isinstance(sub, torch.nn.Module):
+                params.extend(sub.parameters())
+        weight = getattr(attn.processor, "spatial_weight", None)
+        if weight is not None:
+            params.append(weight)
+    return params
+
+
+# --- bench ----------------------------------------------------------------------------------------
+
+def _bench_cases(cuda):
+    if cuda:
+        return [Case(f"clear-flux-{name}-r16", "local", (n, n), 24, 128, 512, params=dict(radius=16))
+                for name, n in (("1k", 64), ("2k", 128), ("4k", 256), ("8k", 512))]
+    return [Case("clear-96x96-r8-text64", "local", (96, 96), 4, 64, 64, params=dict(radius=8))]
+
+
+def _bench_pairs(case):
+    """Exact count of visible pairs of a circular window (``dy**2 + dx**2 < r**2``) plus pooled and text."""
+    h, w = case.grid
+    r = float(case.params["radius"])
+    img = 0
+    ri = math.ceil(r)
+    for dy in range(-ri + 1, ri):
+        rem = r * r - dy * dy
+        if rem <= 0 or abs(dy) >= h:
+            continue
+        half = math.ceil(math.sqrt(rem)) - 1  # largest dx with dx^2 < rem
+        while (half + 1) ** 2 < rem:
+            half += 1
+        while half >= 0 and half * half >= rem:
+            half -= 1
+        xs = sum(max(w - abs(dx), 0) for dx in range(-half, half + 1))
+        img += (h - abs(dy)) * xs
+    n, t = h * w, case.text_len
+    d = case.params.get("down_factor")
+    pooled = n * math.ceil(h / d) * math.ceil(w / d) if d else 0
+    return img + pooled + 2 * n * t + t * t
+
+
+def _bench_run(case, backend, q, k, v):
+    return ops.local_attention(q, k, v, case.grid, text_len=case.text_len, backend=backend, **case.params)
+
+
 register_method(
     Method(
         name="clear",
         options_cls=ClearOptions,
         install=install,
-        families=tuple(_PROCESSORS),
-        description="CLEAR local (circular window) attention for FLUX / SD3, optional pooled tokens, "
+        families=FAMILIES,
+        description="CLEAR local (circular window) attention for MM-DiT image models, optional pooled tokens, "
                     "CLEAR checkpoints, NTK RoPE and proportional attention",
+        backends=BACKENDS,
+        default_settings=default_settings,
+        trainable_parameters=trainable_parameters,
+        bench=BenchSpec(op="local", cases=_bench_cases, pairs=_bench_pairs, run=_bench_run, flex=True),
     )
 )

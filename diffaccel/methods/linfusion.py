@@ -10,15 +10,18 @@ trainable MLP branches); ``remove`` puts the original modules back.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
-from .._validate import resolve_backend
+from .. import ops
+from .._validate import positive_number
+from ..bench import Case
 from ..linfusion import LinFusionAttention, load_linfusion_checkpoint, resolve_auto_weights, unsupported_features
-from ..registry import Method, register_method
+from ..registry import BenchSpec, Method, check_backend_option, register_method
 
 __all__ = ["LinFusionOptions", "install", "linfusion_parameters"]
+
+BACKENDS = ("triton", "torch")
 
 
 @dataclass
@@ -60,12 +63,8 @@ class LinFusionOptions:
                 raise ValueError(f"mid_dim must be None or a positive int, got {m!r}")
             if w is not None:
                 raise ValueError("mid_dim applies only when weights is None: a checkpoint's config sets the MLP width")
-        if self.backend not in (None, "triton", "torch"):
-            raise ValueError(f"backend must be 'triton', 'torch' or None, got {self.backend!r}")
-        e = self.eps
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e <= 0:
-            raise ValueError(f"eps must be a positive finite number, got {e!r}")
-        self.eps = float(e)
+        check_backend_option(self.backend, BACKENDS)
+        self.eps = positive_number("eps", self.eps)
         if self.init not in ("teacher", "random"):
             raise ValueError(f"init must be 'teacher' or 'random', got {self.init!r}")
 
@@ -83,11 +82,6 @@ def install(model, family, options, layers):
     """
     if not layers:
         return lambda: None
-    first = layers[0][1]
-    device = first.to_q.weight.device if hasattr(first, "to_q") else None
-    if options.backend is not None and device is not None:
-        resolve_backend(options.backend, device, supported=("triton", "torch"))  # fail early, not at the first call
-
     name_of = {id(m): n for n, m in model.named_modules()}
     problems = []
     slots = []
@@ -144,6 +138,26 @@ def linfusion_parameters(model_or_pipe):
     return params
 
 
+def _trainable_parameters(model, layers):
+    """LinFusion's layers (the patched names now hold them), shared norms excluded."""
+    params = []
+    for name, _ in layers:
+        module = model.get_submodule(name)
+        if isinstance(module, LinFusionAttention):
+            params += [p for n, p in module.named_parameters() if not n.startswith(("group_norm.", "spatial_norm."))]
+    return params
+
+
+def _bench_cases(cuda):
+    if cuda:
+        return [Case(f"linear-{n}", "linear", (n,), 8, 40, 0) for n in (4096, 16384, 65536)]
+    return [Case("linear-16384-h8-d40", "linear", (16384,), 8, 40, 0)]
+
+
+def _bench_run(case, backend, q, k, v):
+    return ops.linear_attention(q, k, v, backend=backend)
+
+
 METHOD = register_method(
     Method(
         name="linfusion",
@@ -151,5 +165,9 @@ METHOD = register_method(
         install=install,
         families=("unet",),
         description="LinFusion generalized linear attention (replaces attn1 modules; trainable MLP branches)",
+        backends=BACKENDS,
+        default_settings=lambda grid: [dict()] if len(grid) == 2 else [],
+        trainable_parameters=_trainable_parameters,
+        bench=BenchSpec(op="linear", cases=_bench_cases, pairs=lambda case: case.tokens ** 2, run=_bench_run),
     )
 )

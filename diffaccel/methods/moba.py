@@ -8,7 +8,7 @@
 
 Every selected self-attention becomes :func:`diffaccel.ops.moba_attention`: the image/video tokens
 are cut into blocks, every query keeps its own block plus the best others by the gate
-``q . mean(k of block)`` and attends to their tokens only; text tokens keep full attention.
+``q . mean(k of block)`` and attends to their tokens only; global (text) tokens keep full attention.
 
 Options (``MobaOptions``):
 
@@ -19,50 +19,35 @@ Options (``MobaOptions``):
   ``(None, bh, bw)``, spatio-temporal (3D) ``(bt, bh, bw)``.
 * ``topk`` or ``threshold`` (exactly one), ``selection``: see ``ops.moba_attention``.
 * ``dense_steps``: the first ``dense_steps`` denoising steps of every generation run dense
-  attention (VMoBA keeps the early, layout-forming steps full).  **Rule**: a forward pre-hook on
-  the denoiser reads the ``timestep`` argument of every call (its largest value); a call with a
-  timestep *larger* than the previous call's starts a new generation (step 0), a smaller one is
-  the next step, an equal one the same step (classifier-free guidance run as two calls, or a
-  second-order scheduler's repeated timestep).  Steps are counted across every denoiser patched
-  by one ``apply`` (Wan 2.2's two experts share one count).  Call :func:`reset_steps` to force a
-  new generation (e.g. after an interrupted generation followed by an img2img one starting at a
-  lower timestep).
+  attention (VMoBA keeps the early, layout-forming steps full).  The step is the call context's
+  (``diffaccel.context``: a timestep larger than the previous call's starts a new generation, a
+  smaller one is the next step, an equal one the same step); steps are counted across every
+  denoiser patched by one ``apply`` (Wan 2.2's two experts share one count).
+  :func:`diffaccel.context.reset_steps` forces a new generation.
 * ``dense_layers``: layers that always run dense attention: ints (index among the patched
   layers; negative from the end) and/or fnmatch patterns on the layer names
   (e.g. ``"blocks.0.attn1"``).  They keep their place in the partition cycle.
 * ``backend``: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA, else torch).
 
-Families: ``wan``, ``hunyuan_video``, ``cogvideox`` (3-axis ``(T, H, W)`` grids; for CogVideoX 1.5
-``T`` counts groups of ``patch_size_t`` latent frames), ``flux``, ``sd3``, ``unet`` (2-axis grids).
+Families: every family (``diffaccel.families``); blocks take ``family.grid_ndim`` entries.
 """
 from __future__ import annotations
 
 import fnmatch
-import inspect
-from dataclasses import dataclass, field
-
-import torch
+import math
+from dataclasses import dataclass
 
 from .. import ops
+from .._validate import per_axis
+from ..bench import Case
+from ..context import current_context, reset_steps
 from ..processors import make_processor, swap_processors
-from ..registry import Method, register_method
+from ..registry import BenchSpec, Method, check_backend_option, register_method
+from ._common import ALL_FAMILIES, attention_projections
 
-__all__ = ["MobaOptions", "MobaCore", "StepCounter", "install", "reset_steps"]
+__all__ = ["MobaOptions", "MobaCore", "install", "reset_steps"]
 
-_GRID_NDIM = {"wan": 3, "hunyuan_video": 3, "cogvideox": 3, "flux": 2, "sd3": 2, "unet": 2}
-
-
-def _check_block(name, value):
-    """An int, or a tuple of 2 or 3 entries each a positive int or None (whole axis)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise ValueError(f"{name} must be positive, got {value!r}")
-        return value
-    if isinstance(value, (tuple, list)) and len(value) in (2, 3) and all(
-            x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 1) for x in value):
-        return tuple(value)
-    raise ValueError(f"{name} must be a positive int or a tuple of 2 or 3 entries, each a positive int or None "
-                     f"(the whole axis), got {value!r}")
+BACKENDS = ("triton", "torch")
 
 
 @dataclass
@@ -77,19 +62,19 @@ class MobaOptions:
     dense_steps: int = 0
     dense_layers: int | str | list | tuple = ()
     backend: str | None = None
-    _counter: "StepCounter | None" = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if (self.block is None) == (self.partitions is None):
             raise ValueError("give exactly one of block (one partition for every layer) or partitions "
                              f"(cycled by layer), got block={self.block!r}, partitions={self.partitions!r}")
         if self.block is not None:
-            self.block = _check_block("block", self.block)
+            self.block = per_axis("block", self.block, allow_none=True)
         else:
             if isinstance(self.partitions, (str, bytes)) or not isinstance(self.partitions, (list, tuple)) \
                     or not self.partitions:
                 raise ValueError(f"partitions must be a non-empty list of blocks, got {self.partitions!r}")
-            self.partitions = [_check_block(f"partitions[{i}]", p) for i, p in enumerate(self.partitions)]
+            self.partitions = [per_axis(f"partitions[{i}]", p, allow_none=True)
+                               for i, p in enumerate(self.partitions)]
         # topk / threshold / selection: the op's own checks
         _, _, self.topk, self.threshold, self.selection = ops.moba_params(
             (1,), 1, self.topk, self.threshold, self.selection)
@@ -104,50 +89,22 @@ class MobaOptions:
         if not all((isinstance(x, int) and not isinstance(x, bool)) or (isinstance(x, str) and x) for x in dl):
             raise ValueError(f"dense_layers must be ints and/or non-empty glob patterns, got {self.dense_layers!r}")
         self.dense_layers = tuple(dl)
-        if self.backend not in (None, "triton", "torch"):
-            raise ValueError(f"backend must be 'triton', 'torch' or None, got {self.backend!r}")
+        check_backend_option(self.backend, BACKENDS)
 
     def blocks(self):
         return [self.block] if self.block is not None else list(self.partitions)
 
 
-class StepCounter:
-    """Denoising step of the current generation, from the timesteps the denoiser is called with
-    (rule in the module docstring)."""
-
-    def __init__(self, dense_steps: int):
-        self.dense_steps = dense_steps
-        self.reset()
-
-    def reset(self):
-        self.step = -1
-        self.last_t = None
-
-    def observe(self, t: float):
-        if self.last_t is None or t > self.last_t:
-            self.step = 0
-        elif t < self.last_t:
-            self.step += 1
-        self.last_t = t
-
-    @property
-    def dense(self) -> bool:
-        return 0 <= self.step < self.dense_steps
-
-
-def _dense_attention(q, k, v):
-    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
-
-
 class MobaCore:
-    """The attention core of one layer: ``core(q, k, v, grid=..., text_len=..., text_first=...)``."""
+    """The attention core of one layer: ``core(q, k, v, grid=..., text_len=..., text_first=...)``.
+    ``dense``: this layer always runs dense attention; ``dense_steps``: the first steps of every
+    generation do (read from the call context)."""
 
-    def __init__(self, block, options: MobaOptions, *, dense=False, counter: StepCounter | None = None):
+    def __init__(self, block, options: MobaOptions, *, dense=False):
         self.block = block
         self.options = options
         self.dense = dense
-        self.counter = counter
+        self.dense_steps = options.dense_steps
         self.keywords = {"block": block, "selection": options.selection, "dense": dense}
         self.keywords["topk" if options.topk is not None else "threshold"] = (
             options.topk if options.topk is not None else options.threshold)
@@ -157,12 +114,21 @@ class MobaCore:
             return self.block
         return tuple(n if b is None else b for b, n in zip(self.block, grid))
 
-    def __call__(self, q, k, v, *, grid, text_len, text_first):
-        if self.dense or (self.counter is not None and self.counter.dense):
-            return _dense_attention(q, k, v)
+    def dense_now(self) -> bool:
+        if self.dense:
+            return True
+        if not self.dense_steps:
+            return False
+        ctx = current_context()
+        step = None if ctx is None else ctx.step
+        return step is not None and 0 <= step < self.dense_steps
+
+    def __call__(self, q, k, v, *, grid, text_len, text_first, scale=None):
+        if self.dense_now():
+            return ops.dense_attention(q, k, v, scale=scale)
         o = self.options
         return ops.moba_attention(q, k, v, grid, self.block_for(grid), topk=o.topk, threshold=o.threshold,
-                                  selection=o.selection, text_len=text_len, text_first=text_first,
+                                  selection=o.selection, text_len=text_len, text_first=text_first, scale=scale,
                                   backend=o.backend)
 
 
@@ -182,72 +148,68 @@ def _dense_set(options, names):
     return dense
 
 
-def _timestep_hook(model, counter):
-    try:
-        params = list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        params = []
-    index = params.index("timestep") if "timestep" in params else None
-
-    def hook(module, args, kwargs):
-        t = kwargs.get("timestep")
-        if t is None and index is not None and index < len(args):
-            t = args[index]
-        if t is None:
-            raise ValueError(f"moba dense_steps needs the timestep of every {type(module).__name__} call; "
-                             "this call has none")
-        counter.observe(float(t.max()) if isinstance(t, torch.Tensor) else float(t))
-        return None
-
-    return model.register_forward_pre_hook(hook, with_kwargs=True)
-
-
 def install(model, family, options: MobaOptions, layers):
     """Install MoBA processors on ``layers`` (``[(name, attention module)]``); returns undo."""
-    nd = _GRID_NDIM[family]
+    nd = family.grid_ndim
     blocks = options.blocks()
     for i, b in enumerate(blocks):
         if isinstance(b, tuple) and len(b) != nd:
             what = "block" if options.block is not None else f"partitions[{i}]"
             grid = "(T, H, W)" if nd == 3 else "(H, W)"
-            raise ValueError(f"{what}={b!r} has {len(b)} entries but {family!r} models have {nd}-axis token grids "
-                             f"{grid}; give an int or {nd} entries")
+            raise ValueError(f"{what}={b!r} has {len(b)} entries but {family.name!r} models have {nd}-axis token "
+                             f"grids {grid}; give an int or {nd} entries")
     names = [name for name, _ in layers]
     dense = _dense_set(options, names)
-    counter = None
-    if options.dense_steps > 0:
-        if options._counter is None:  # shared by every denoiser of one apply()
-            options._counter = StepCounter(options.dense_steps)
-        counter = options._counter
     processors = {
-        name: make_processor(family, MobaCore(blocks[i % len(blocks)], options, dense=i in dense, counter=counter))
-        for i, name in enumerate(names)
+        name: make_processor(family, MobaCore(blocks[i % len(blocks)], options, dense=i in dense), attn=module)
+        for i, (name, module) in enumerate(layers)
     }
-    undo_swap = swap_processors(model, processors)
-    handle = _timestep_hook(model, counter) if counter is not None else None
-
-    def undo():
-        if handle is not None:
-            handle.remove()
-            counter.reset()
-        undo_swap()
-
-    return undo
+    return swap_processors(model, processors)
 
 
-def reset_steps(pipe_or_model) -> bool:
-    """Start a new generation for ``dense_steps`` counting on the denoiser(s) of ``pipe_or_model``;
-    returns whether a step counter was found."""
-    from ..api import _STATE_ATTR, _denoisers
+def default_settings(grid):
+    """Blocks of half and a quarter of each spatial side (top-2 / top-4); video: every frame, then
+    VMoBA's cycle of all-frames 2D blocks and 2-frame 3D blocks."""
+    h2, w2 = (max(g // 2, 1) for g in grid[-2:])
+    if len(grid) == 3:
+        t = grid[0]
+        return [dict(block=(t, h2, w2), topk=2),
+                dict(partitions=[(None, h2, w2), (min(2, t), h2, w2)], topk=2)]
+    h4, w4 = (max(g // 4, 1) for g in grid[-2:])
+    return [dict(block=(h2, w2), topk=2), dict(block=(h4, w4), topk=4)]
 
-    found = False
-    for _, model in _denoisers(pipe_or_model):
-        state = model.__dict__.get(_STATE_ATTR)
-        counter = getattr(getattr(state, "options", None), "_counter", None)
-        if state is not None and state.method == "moba" and counter is not None:
-            counter.reset()
-            found = True
-    return found
+
+# --- bench ----------------------------------------------------------------------------------------
+
+def _bench_cases(cuda):
+    if cuda:
+        return [Case("moba-wan-480p", "moba", (21, 30, 52), 12, 128, 0, params=dict(block=(3, 10, 13), topk=6)),
+                Case("moba-wan-720p", "moba", (21, 45, 80), 12, 128, 0, params=dict(block=(3, 9, 16), topk=26))]
+    return [Case("moba-8x32x32-b2x8x8-top8", "moba", (8, 32, 32), 4, 64, 0, params=dict(block=(2, 8, 8), topk=8))]
+
+
+def _bench_pairs(case):
+    n, t = math.prod(case.grid), case.text_len
+    block = case.params["block"]
+    block = tuple(block) if isinstance(block, (tuple, list)) else (block,) * len(case.grid)
+    nb = math.prod(math.ceil(g / b) for g, b in zip(case.grid, block))
+    keep = min(case.params.get("topk", nb), nb)
+    return int(n * n * keep / nb) + 2 * n * t + t * t  # uniform-block estimate
+
+
+def _bench_run(case, backend, q, k, v):
+    return ops.moba_attention(q, k, v, case.grid, text_len=case.text_len, backend=backend, **case.params)
+
+
+def _bench_gate(case, q, k):
+    """Everything the Triton MoBA op does before the attention kernel."""
+    from ..kernels.moba_triton import gate_tables, kernel_block
+
+    p = dict(case.params)
+    grid, block, topk, threshold, selection = ops.moba_params(case.grid, p["block"], p.get("topk"),
+                                                               p.get("threshold"), p.get("selection", "query"))
+    return gate_tables(q, k, grid, block, topk, threshold, selection, case.text_len, True,
+                       kernel_block(block, q))
 
 
 register_method(
@@ -255,8 +217,13 @@ register_method(
         name="moba",
         options_cls=MobaOptions,
         install=install,
-        families=tuple(_GRID_NDIM),
+        families=ALL_FAMILIES,
         description="mixture of block attention (MoBA/VMoBA): each query attends to its own and its best-gated "
                     "blocks; text keeps full attention",
+        backends=BACKENDS,
+        default_settings=default_settings,
+        trainable_parameters=attention_projections,
+        counts_steps=lambda options: options.dense_steps > 0,
+        bench=BenchSpec(op="moba", cases=_bench_cases, pairs=_bench_pairs, run=_bench_run, gate=_bench_gate),
     )
 )

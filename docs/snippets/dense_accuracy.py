@@ -4,7 +4,8 @@ Video models (small-wan) get the video prompts ("... moving left ...") and are c
 `images`, they draw single frames from the image prompts."""
 import sys, torch
 torch.set_num_threads(1)
-from diffaccel.pipelines import evaluate as ev, small
+from diffaccel.pipelines import small
+from diffaccel.pipelines.small import evaluate as ev
 name, n, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 images = sys.argv[-1] == "images"
 args = sys.argv[1:-1] if images else sys.argv[1:]

@@ -7,7 +7,8 @@ learning rate decaying from step 700; the export is <work dir>/export."""
 import os
 import sys
 
-from diffaccel.pipelines import small, train_small
+from diffaccel.pipelines import small
+from diffaccel.pipelines.small import train as train_small
 
 heads, head_dim, work = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 max_steps, decay_from = (int(sys.argv[4]), int(sys.argv[5])) if len(sys.argv) > 5 else (1000, 700)

@@ -31,9 +31,9 @@ import sys
 
 import torch
 
-from diffaccel.pipelines.shapes import COLOR_NAMES, SHAPES, ShapesDataset, ShapesVideoDataset
+from diffaccel.pipelines.small.shapes import COLOR_NAMES, SHAPES, ShapesDataset, ShapesVideoDataset
 from diffaccel.pipelines.small import SmallWanPipeline, build_pipeline, load_small
-from diffaccel.pipelines.train_small import _copy_text_encoder, collate, lr_at, noisy_batch
+from diffaccel.pipelines.small.train import _copy_text_encoder, collate, lr_at, noisy_batch
 
 
 def _held_out(n, frames=4):
@@ -92,7 +92,7 @@ def _redraw(pipe, x, s, captions, guidance=4.0):
 
 
 def redraw(pipe, n=32, images=False):
-    from diffaccel.pipelines.evaluate import classifier_accuracy, load_classifier
+    from diffaccel.pipelines.small.evaluate import classifier_accuracy, load_classifier
 
     x0, captions, noise = _held_out_for(pipe, n, images)
     swapped = [_next_word(c, SHAPES) for c in captions]
@@ -124,7 +124,7 @@ def _image_velocity(pipe, x, s, captions, guidance=None):
 
 @torch.no_grad()
 def handoff(a, b, cut, n=48):
-    from diffaccel.pipelines.evaluate import classifier_accuracy, eval_prompts, load_classifier
+    from diffaccel.pipelines.small.evaluate import classifier_accuracy, eval_prompts, load_classifier
 
     captions = eval_prompts(n)
     sched = load_small("small-wan").scheduler

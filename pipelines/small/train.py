@@ -1,10 +1,10 @@
 """Train the small pipelines of :mod:`diffaccel.pipelines.small` with flow matching on the shapes dataset.
 
-    diffaccel train-small flux --minutes 60 --output pipelines/models/small-flux --work-dir runs/small-flux
+    diffaccel train-small flux --minutes 60 --output pipelines/small/models/small-flux --work-dir runs/small-flux
 
 Training (rectified flow, as SD3 / FLUX):
 
-* data: :class:`~diffaccel.pipelines.shapes.ShapesDataset` (video:
+* data: :class:`~diffaccel.pipelines.small.shapes.ShapesDataset` (video:
   ``ShapesVideoDataset``, and ``ShapesDataset`` frames on the image steps of
   ``--image-fraction``) with ``--data-seed``; step ``i`` uses samples
   ``i * batch ... (i + 1) * batch - 1`` (deterministic order, never repeated
@@ -17,12 +17,17 @@ Training (rectified flow, as SD3 / FLUX):
 * AdamW, linear warm-up then constant learning rate, gradient clipping at 1,
   an EMA of the weights (the exported pipeline holds the EMA weights).
 
-``--work-dir`` holds ``checkpoint.pt`` (model, EMA, optimiser, step: ``--resume``
-continues from it), ``log.jsonl`` and preview grids (every ``--sample-every`` steps and
-at the end; 0 = none).  The exported folder
+``--work-dir`` holds ``checkpoints/`` (model, EMA, optimiser, step, as safetensors + JSON, published
+atomically with a ``latest`` pointer: ``--resume`` continues from it; a work dir of older runs with a
+``checkpoint.pt`` resumes too, read with ``torch.load(weights_only=True)``), ``log.jsonl`` and preview
+grids (every ``--sample-every`` steps and at the end; 0 = none).  The exported folder
 (``--output``) is a ``save_pretrained`` pipeline (safetensors, weights stored in
 ``--save-dtype``) plus ``training.json`` with the command, the step count and the
 final loss.  Training runs on ``--device`` (CPU by default, GPU if given).
+
+Files: ``--work-dir`` must be new, empty or an earlier train-small work dir (a run marker); ``--output``
+new, empty or an earlier export (its ``training.json``), and the two separate folders.  Anything else is
+refused before any work; an export is written beside ``--output`` and swapped in whole.
 """
 from __future__ import annotations
 
@@ -36,8 +41,11 @@ import time
 import numpy as np
 import torch
 
+from diffaccel.io import (CheckpointDir, check_separate_folders, claim_folder, load_tree, owned_folder, replace_folder,
+                          save_tree)
+
 from .shapes import ShapesDataset, ShapesVideoDataset, still_caption
-from .small import _CLASSES, DEFAULT_CONFIGS, build_pipeline, is_patch_size, load_small, repatch_wan, resolve_small
+from .pipeline import _CLASSES, DEFAULT_CONFIGS, build_pipeline, is_patch_size, load_small, repatch_wan, resolve_small
 
 __all__ = ["train_small", "collate", "shape_loss_weights", "sample_sigmas", "noisy_batch", "lr_at", "is_image_step",
            "teacher_targets", "run_from_args", "SAVE_DTYPES", "MIXED_PRECISIONS"]
@@ -77,6 +85,70 @@ def _state(pipe):
 def _load_state(pipe, state):
     pipe.denoiser.load_state_dict(state["denoiser"])
     pipe.text_encoder.load_state_dict(state["text_encoder"])
+
+
+def is_training_export(folder) -> bool:
+    """Whether ``folder`` is an export a diffaccel training run wrote (it holds such a ``training.json``): the
+    only kind of non-empty ``--output`` folder an export replaces."""
+    try:
+        with open(os.path.join(folder, "training.json"), encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(info, dict) and "command" in info and "steps" in info
+
+
+def check_output_folders(output, work_dir):
+    """Before any work: ``output`` (``--output``) new, empty or an earlier export (:func:`is_training_export`),
+    ``work_dir`` (``--work-dir``) claimable by :func:`claim_work_dir`, and the two separate folders."""
+    check_separate_folders(output=output, work_dir=work_dir)
+    if not owned_folder(output, is_training_export):
+        raise ValueError(f"output (--output) {os.path.abspath(output)!r} is not empty and is not a diffaccel training "
+                         "export (no training.json written by train-small); it is never replaced: pass a new folder")
+    claim_work_dir(work_dir, create=False)
+
+
+def claim_work_dir(work_dir, create=True):
+    """Claim ``work_dir`` (``--work-dir``) for train-small: new, empty, or an earlier train-small work dir
+    (its run marker, or the ``checkpoint.pt`` of the runs before the marker existed).  ``create=False``: check
+    only, write nothing."""
+    from diffaccel.io import RUN_MARKER, atomic_write_json
+
+    legacy = os.path.isfile(os.path.join(work_dir, "checkpoint.pt")) and not os.path.isfile(
+        os.path.join(work_dir, RUN_MARKER))
+    if legacy:
+        if create:
+            atomic_write_json(os.path.join(work_dir, RUN_MARKER), {"kind": "train-small", "identity": None})
+        return
+    claim_folder(work_dir, kind="train-small", arg="work_dir (--work-dir)", create=create)
+
+
+_CHECKPOINT_KEYS = {"kind": str, "step": int, "model": dict, "optimizer": dict, "ema": list}
+
+
+def load_checkpoint(work_dir, checkpoints):
+    """``(checkpoint, path)`` of the latest checkpoint in ``work_dir`` for ``--resume``: ``checkpoints/`` (safetensors +
+    JSON), or the ``checkpoint.pt`` of older runs read with ``torch.load(weights_only=True)`` (no code runs).  No
+    checkpoint, or a corrupt or incomplete one, is a ``ValueError`` naming the file, never a silent restart."""
+    path = checkpoints.latest()
+    if path is not None:
+        ck, _ = load_tree(path)
+    else:
+        path = os.path.join(work_dir, "checkpoint.pt")
+        if not os.path.isfile(path):
+            raise ValueError(f"resume (--resume): {os.path.abspath(work_dir)!r} holds no checkpoint to resume from")
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, empty, random bytes, or pickled code that weights_only refuses
+            raise ValueError(f"checkpoint {path!r} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(ck, dict):
+        raise ValueError(f"checkpoint {path!r} is a {type(ck).__name__}, not a train-small checkpoint")
+    for key, typ in _CHECKPOINT_KEYS.items():
+        if not isinstance(ck.get(key), typ):
+            raise ValueError(f"checkpoint {path!r} has no valid {key!r} entry (expected {typ.__name__})")
+    if not isinstance(ck.get("rng"), torch.Tensor):
+        raise ValueError(f"checkpoint {path!r} has no valid 'rng' entry (expected a tensor)")
+    return ck, path
 
 
 def _check_patch_size(kind, patch_size, ck):
@@ -316,11 +388,12 @@ def train_small(
                          f"got {mixed_precision!r}")
     if threads:
         torch.set_num_threads(int(threads))
-    ckpt_path = os.path.join(work_dir, "checkpoint.pt")
+    check_output_folders(output, work_dir)
+    checkpoints = CheckpointDir(os.path.join(work_dir, "checkpoints"))
     torch.manual_seed(seed)
-    ck = torch.load(ckpt_path, map_location=device, weights_only=False) if resume and os.path.isfile(ckpt_path) else None
+    ck, ckpt_path = load_checkpoint(work_dir, checkpoints) if resume else (None, None)
     if ck is not None and ck["kind"] != kind:
-        raise ValueError(f"{ckpt_path} holds a {ck['kind']!r} run, not {kind!r}")
+        raise ValueError(f"checkpoint {ckpt_path} holds a {ck['kind']!r} run, not {kind!r}")
     patch_size = _check_patch_size(kind, patch_size, ck)
     if init_from:
         pipe = load_small(init_from)
@@ -349,7 +422,7 @@ def train_small(
         timestep_shift = float(pipe.scheduler.config.get("shift", 1.0))
     if not timestep_shift > 0:
         raise ValueError(f"timestep_shift (--timestep-shift) must be > 0, got {timestep_shift!r}")
-    os.makedirs(work_dir, exist_ok=True)
+    claim_work_dir(work_dir)
     video = kind == "wan"
     size = pipe.config.sample_size
     dataset = ShapesDataset(data_seed, dataset_size, size)
@@ -362,10 +435,16 @@ def train_small(
     ema = [p.detach().clone() for p in params]
     step, elapsed_before, runs = 0, 0.0, []
     if ck is not None:
-        _load_state(pipe, ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        for e, v in zip(ema, ck["ema"]):
-            e.copy_(v)
+        try:
+            _load_state(pipe, ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            if len(ck["ema"]) != len(ema):
+                raise ValueError(f"{len(ck['ema'])} EMA tensors for {len(ema)} parameters")
+            for e, v in zip(ema, ck["ema"]):
+                e.copy_(v)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+            raise ValueError(f"checkpoint {ckpt_path} does not fit this {kind} model "
+                             f"({type(err).__name__}: {err})") from None
         step, elapsed_before = ck["step"], ck.get("elapsed", 0.0)
         runs = list(ck.get("runs") or [])
         if not runs and os.path.isfile(os.path.join(output, "training.json")):
@@ -388,9 +467,7 @@ def train_small(
         ck = dict(kind=kind, patch_size=model_patch, init_training=init_training, step=step,
                   elapsed=elapsed_before + time.time() - t0, runs=_runs(), model=_state(pipe),
                   optimizer=opt.state_dict(), ema=[e.cpu() for e in ema], rng=torch.get_rng_state())
-        tmp = ckpt_path + ".tmp"
-        torch.save(ck, tmp)
-        os.replace(tmp, ckpt_path)
+        checkpoints.save(step, lambda folder: save_tree(folder, ck, metadata=dict(kind=kind, step=step)))
         export(final)
 
     def export(final):
@@ -407,11 +484,10 @@ def train_small(
             _sample_grid(ema_pipe, os.path.join(work_dir, f"samples_{step:06d}.png"), PREVIEW_PROMPTS)
         ema_pipe.denoiser.to(SAVE_DTYPES[save_dtype])
         ema_pipe.text_encoder.to(SAVE_DTYPES[save_dtype])
-        tmp = output.rstrip("/") + ".tmp"
-        if os.path.isdir(tmp):
-            import shutil
+        with replace_folder(output, is_training_export, arg="output (--output)") as tmp:
+            _write_export(ema_pipe, tmp, step)
 
-            shutil.rmtree(tmp)
+    def _write_export(ema_pipe, tmp, step):
         ema_pipe.save_pretrained(tmp, safe_serialization=True)
         recent = float(np.mean(losses[-200:])) if losses else None
         info = dict(kind=kind, steps=step, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
@@ -427,11 +503,6 @@ def train_small(
                     command=command, continue_with=_continue_command(command), runs=_runs())
         with open(os.path.join(tmp, "training.json"), "w") as f:
             json.dump(info, f, indent=2)
-        if os.path.isdir(output):
-            import shutil
-
-            shutil.rmtree(output)
-        os.replace(tmp, output)
 
     print(f"training {kind}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, batch {batch_size}, "
           f"{minutes} min / {max_steps} steps max, threads {torch.get_num_threads()}", flush=True)
@@ -515,11 +586,11 @@ def distill_linfusion(
     from diffaccel.linfusion import save_linfusion
     from diffaccel.methods.linfusion import linfusion_parameters
 
-    from .small import SmallUNetPipeline
+    from .pipeline import SmallUNetPipeline
 
     if threads:
         torch.set_num_threads(int(threads))
-    os.makedirs(work_dir, exist_ok=True)
+    check_output_folders(output, work_dir)
     torch.manual_seed(seed)
     pipe = load_small(teacher).to(device)
     if not isinstance(pipe, SmallUNetPipeline):
@@ -533,6 +604,7 @@ def distill_linfusion(
     for p_ in params:
         p_.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    claim_work_dir(work_dir)
     dataset = ShapesDataset(data_seed + 7, 1_000_000, pipe.config.sample_size)
     gen = torch.Generator().manual_seed(seed)
     t0, step, losses = time.time(), 0, []
@@ -540,12 +612,13 @@ def distill_linfusion(
           flush=True)
 
     def save():
-        save_linfusion(pipe, output, dtype=torch.float16)
         info = dict(teacher=teacher, steps=step, batch_size=batch_size, lr=lr,
                     minutes_trained=round((time.time() - t0) / 60, 1),
                     final_loss=float(np.mean(losses[-100:])) if losses else None, command=command)
-        with open(os.path.join(output, "training.json"), "w") as f:
-            json.dump(info, f, indent=2)
+        with replace_folder(output, is_training_export, arg="output (--output)") as tmp:
+            save_linfusion(pipe, tmp, dtype=torch.float16)
+            with open(os.path.join(tmp, "training.json"), "w") as f:
+                json.dump(info, f, indent=2)
 
     while (max_steps is None or step < max_steps) and time.time() - t0 < minutes * 60:
         captions, xt, sigma, _ = noisy_batch(*collate(dataset, np.arange(step * batch_size, (step + 1) * batch_size)),
@@ -576,7 +649,7 @@ def distill_linfusion(
 
 
 def run_from_args(args):
-    from .small import MODELS_DIR
+    from .pipeline import MODELS_DIR
 
     name = {"classifier": "shape-classifier", "linfusion": "small-unet-linfusion"}.get(args.kind, f"small-{args.kind}")
     output = args.output or os.path.join(MODELS_DIR, name)
@@ -611,7 +684,7 @@ def run_from_args(args):
 
 
 def main(argv=None):
-    """``python -m diffaccel.pipelines.train_small ...`` = ``diffaccel train-small ...``."""
+    """``python -m diffaccel.pipelines.small.train ...`` = ``diffaccel train-small ...``."""
     from diffaccel.cli import main as cli_main
 
     argv = sys.argv[1:] if argv is None else list(argv)

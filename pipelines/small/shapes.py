@@ -20,7 +20,7 @@ and two shapes never share the same (shape, colour) pair.
 ``ShapesDataset`` / ``ShapesVideoDataset`` are ``torch.utils.data.Dataset``
 views (``index -> dict(pixels in [-1, 1], caption, coverage, labels)``; ``coverage``: how much of each
 pixel the shapes cover, in [0, 1]); ``labels`` feed
-the shape/colour classifier (:mod:`diffaccel.pipelines.evaluate`).
+the shape/colour classifier (:mod:`diffaccel.pipelines.small.evaluate`).
 """
 from __future__ import annotations
 

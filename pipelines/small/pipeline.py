@@ -22,9 +22,9 @@ Flow matching (rectified flow), the convention of diffusers' flow schedulers:
 ``x_sigma = (1 - sigma) * x0 + sigma * noise``, the denoiser predicts
 ``v = noise - x0``, and the Euler sampler walks ``sigma`` from 1 to 0.
 :meth:`predict` (one denoiser call on pixels) is shared by sampling and by training
-(:mod:`diffaccel.pipelines.train_small`).
+(:mod:`diffaccel.pipelines.small.train`).
 
-Shipped models live in ``pipelines/models/<name>`` (:data:`SMALL_MODELS`)::
+Shipped models live in ``pipelines/small/models/<name>`` (:data:`SMALL_MODELS`)::
 
     from diffaccel.pipelines.small import load_small
     pipe = load_small("small-flux")
@@ -58,8 +58,6 @@ __all__ = [
     "is_patch_size",
     "repatch_wan",
     "load_small",
-    "load_pipeline",
-    "save_media",
     "resolve_small",
     "DEFAULT_CONFIGS",
 ]
@@ -499,47 +497,3 @@ def load_small(name_or_path: str, device: str | torch.device = "cpu", dtype: tor
     cls = {c.__name__: c for c in _CLASSES.values()}[cls_name]
     pipe = cls.from_pretrained(folder, local_files_only=True, dtype=dtype)
     return pipe.to(device)
-
-
-def load_pipeline(model: str = "small-flux", device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                  allow_download: bool = False):
-    """A pipeline for ``diffaccel generate``: a shipped small model name, a folder (a small pipeline or any
-    diffusers pipeline) or a diffusers Hub id.  Offline unless ``allow_download`` (Hub ids then download; without
-    it they load from the local Hub cache only)."""
-    if resolve_small(model) is not None:
-        return load_small(model, device=device, dtype=dtype or torch.float32)
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    try:
-        pipe = DiffusionPipeline.from_pretrained(model, local_files_only=not allow_download, **kwargs)
-    except (OSError, ValueError) as e:
-        hint = "" if allow_download or os.path.isdir(model) else \
-            " (offline: only the local Hub cache is searched; pass --allow-download to fetch it)"
-        raise SystemExit(f"cannot load {model!r}{hint}: {e}") from None
-    return pipe.to(device)
-
-
-def save_media(result, path: str) -> list[str]:
-    """Write a pipeline result to ``path``: images as PNG/JPEG (``name-<i>.ext`` when there are several), videos as an
-    animated GIF (``.gif``) or a strip of frames side by side (any other image extension).  Returns the paths."""
-    frames = getattr(result, "frames", None)
-    items = frames if frames is not None else result.images
-    root, ext = os.path.splitext(path)
-    paths = []
-    for i, item in enumerate(items):
-        p = path if len(items) == 1 else f"{root}-{i}{ext}"
-        os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
-        if frames is None:
-            item.save(p)
-        else:
-            frames_pil = list(item) if isinstance(item, (list, tuple)) else \
-                [Image.fromarray(np.rint(np.asarray(f) * 255).astype(np.uint8)) for f in item]
-            if ext.lower() == ".gif":
-                frames_pil[0].save(p, save_all=True, append_images=frames_pil[1:], duration=250, loop=0)
-            else:
-                w, h = frames_pil[0].size
-                strip = Image.new("RGB", (w * len(frames_pil), h))
-                for k, f in enumerate(frames_pil):
-                    strip.paste(f, (k * w, 0))
-                strip.save(p)
-        paths.append(p)
-    return paths

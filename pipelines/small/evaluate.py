@@ -12,7 +12,7 @@ and each method setting, the same prompts, seeds and initial noise as full
   channel on the valid region (no padding), averaged over the map, the channels
   (and frames), then over samples.
 * **classifier accuracy** of a small CNN (:class:`ShapeClassifier`, trained on the
-  shapes dataset, shipped in ``pipelines/models/shape-classifier``) on the samples,
+  shapes dataset, shipped in ``pipelines/small/models/shape-classifier``) on the samples,
   area-downsampled to the classifier's 32x32 input (videos: every frame): *shape*,
   *colour*, *pair* (shape and colour together) and *background* accuracy against the
   prompt.  The dense rows give the reference accuracy (chance: shape 1/4, colour
@@ -122,7 +122,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
 
 class ShapeClassifier(ModelMixin, ConfigMixin):
     """A tiny CNN on 32x32 RGB images in [0, 1] with multi-label heads for the (shape, colour) pairs present
-    (:func:`~diffaccel.pipelines.shapes.pair_index`), the shapes present and the colours present, and a softmax
+    (:func:`~diffaccel.pipelines.small.shapes.pair_index`), the shapes present and the colours present, and a softmax
     head for the background colour.  A pair's score is the sum of the log-sigmoids of its pair, shape and colour
     logits."""
 
@@ -176,7 +176,7 @@ def _resize_for_classifier(images):
 
 def load_classifier(name_or_path: str = "shape-classifier", device="cpu") -> ShapeClassifier:
     """The shipped classifier (``"shape-classifier"``) or one saved in a folder."""
-    from .small import MODELS_DIR
+    from .pipeline import MODELS_DIR
 
     folder = name_or_path if os.path.isdir(name_or_path) else os.path.join(MODELS_DIR, name_or_path)
     if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -212,9 +212,14 @@ def train_classifier(output: str, work_dir: str, minutes: float = 60.0, max_step
                      device: str = "cpu", resume: bool = False, command: str | None = None, val_size: int = 1000):
     """Train the shape/colour classifier on the shapes dataset (``data_seed``; validation on ``data_seed + 1``),
     save it to ``output`` (``save_pretrained``) with ``training.json`` holding the validation accuracy."""
+    from diffaccel.io import replace_folder
+
+    from .train import check_output_folders, claim_work_dir, is_training_export
+
     if threads:
         torch.set_num_threads(int(threads))
-    os.makedirs(work_dir, exist_ok=True)
+    check_output_folders(output, work_dir)
+    claim_work_dir(work_dir)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = ShapeClassifier().to(device)
@@ -249,9 +254,10 @@ def train_classifier(output: str, work_dir: str, minutes: float = 60.0, max_step
     info = dict(steps=step, batch_size=batch_size, lr=lr, minutes_trained=round((time.time() - t0) / 60, 1),
                 data_seed=data_seed, validation=dict(data_seed=data_seed + 1, samples=val_size, **acc),
                 command=command)
-    model.save_pretrained(output)
-    with open(os.path.join(output, "training.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    with replace_folder(output, is_training_export, arg="output (--output)") as tmp:
+        model.save_pretrained(tmp)
+        with open(os.path.join(tmp, "training.json"), "w") as f:
+            json.dump(info, f, indent=2)
     print(json.dumps(info), flush=True)
     return info
 
@@ -357,9 +363,9 @@ def parse_setting(text: str, extra: list[str] | None = None) -> Setting:
 
 
 def resolve_options(options: dict) -> dict:
-    """``options`` with string values naming a shipped folder of ``pipelines/models`` (e.g.
+    """``options`` with string values naming a shipped folder of ``pipelines/small/models`` (e.g.
     ``weights="small-unet-linfusion"``) replaced by its path (a path that exists as given is kept)."""
-    from .small import MODELS_DIR
+    from .pipeline import MODELS_DIR
 
     out = {}
     for k, v in options.items():
@@ -371,38 +377,42 @@ def resolve_options(options: dict) -> dict:
 
 
 def _family(pipe) -> str:
+    from diffaccel.api import denoisers
     from diffaccel.families import detect_family
 
-    return detect_family(pipe.denoiser if hasattr(pipe, "denoiser") else getattr(pipe, "transformer", None)
-                         or pipe.unet)
+    return detect_family(denoisers(pipe)[0][1])
+
+
+def native_grid(pipe) -> tuple:
+    """The token grid of a small pipeline at its native size: ``(H, W)`` (UNet: its first level), or
+    ``(T, H, W)`` for video."""
+    size = pipe.config.sample_size
+    patch = getattr(pipe.denoiser.config, "patch_size", 1) or 1
+    patch = tuple(patch) if isinstance(patch, (tuple, list)) else (1, patch, patch)
+    if _family(pipe) == "wan":
+        return (max(pipe.config.num_frames // int(patch[0]), 1), size // int(patch[1]), size // int(patch[2]))
+    side = size // 2  # the small image models see 16 x 16 tokens at their native size
+    return (side, side)
 
 
 def default_settings(pipe) -> list[Setting]:
-    """The method settings evaluated by default for a small pipeline (``dense`` excluded): each applicable method
-    at a few strengths, sized on the native token grid (16 x 16 image tokens; UNet levels 16 x 16 and 8 x 8;
-    video ``T x g x g``: windows of about ``g/2`` and ``g/4``, MoBA blocks of ``g/2 x g/2``)."""
-    fam = _family(pipe)
-    s = []
-    if fam == "wan":
-        pt, ph, _ = pipe.denoiser.config.patch_size
-        t, g = max(pipe.config.num_frames // int(pt), 1), pipe.config.sample_size // int(ph)
-        half, quarter = g // 2 + 1, g // 4 + 1  # odd windows: 9 and 5 on a 16-token side, 5 and 3 on 8
-        s += [Setting("neighborhood", dict(kernel_size=(t, half, half))),
-              Setting("neighborhood", dict(kernel_size=(min(3, t), quarter, quarter)))]
-        s += [Setting("moba", dict(block=(t, g // 2, g // 2), topk=2)),
-              Setting("moba", dict(partitions=[(None, g // 2, g // 2), (min(2, t), g // 2, g // 2)], topk=2))]
-        return s
-    s += [Setting("neighborhood", dict(kernel_size=9)), Setting("neighborhood", dict(kernel_size=5))]
-    if fam == "flux":
-        s += [Setting("clear", dict(radius=8)), Setting("clear", dict(radius=4, down_factor=4))]
-    if fam == "unet":
-        # LinFusion as initialised from the model (no training), and distilled (when shipped)
-        s += [Setting("linfusion", dict())]
-        from .small import MODELS_DIR
+    """The method settings evaluated by default for a small pipeline (``dense`` excluded): each registered method
+    supporting the model's family at its ``default_settings`` sized on the native token grid (16 x 16 image tokens;
+    video ``T x g x g``), plus the shipped distilled LinFusion weights where they exist."""
+    from diffaccel.registry import methods
 
-        if os.path.isfile(os.path.join(MODELS_DIR, "small-unet-linfusion", "config.json")):
-            s += [Setting("linfusion", dict(weights="small-unet-linfusion"))]
-    s += [Setting("moba", dict(block=(8, 8), topk=2)), Setting("moba", dict(block=(4, 4), topk=4))]
+    fam = _family(pipe)
+    grid = native_grid(pipe)
+    s = []
+    for m in methods():
+        if fam not in m.families or m.default_settings is None:
+            continue
+        s += [Setting(m.name, dict(o)) for o in m.default_settings(grid)]
+        if m.name == "linfusion":  # the distilled layers shipped with the small UNet
+            from .pipeline import MODELS_DIR
+
+            if os.path.isfile(os.path.join(MODELS_DIR, "small-unet-linfusion", "config.json")):
+                s += [Setting("linfusion", dict(weights="small-unet-linfusion"))]
     return s
 
 
@@ -467,7 +477,7 @@ def evaluate(models=("small-flux",), settings=None, scales=(1, 2, 4), video_scal
     import diffaccel
     from diffaccel.registry import get_method
 
-    from .small import SMALL_MODELS, load_small, resolve_small
+    from .pipeline import SMALL_MODELS, load_small, resolve_small
 
     log = log or (lambda msg: print(msg, flush=True))
     clf = load_classifier(classifier, device) if classifier else None

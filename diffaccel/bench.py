@@ -234,11 +234,34 @@ def device_name(device):
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def git_commit():
+    """The commit of the checkout this package runs from (``-dirty`` with uncommitted changes), from
+    ``DIFFACCEL_COMMIT`` when set (a copy without ``.git``), else None."""
+    import os
+    import subprocess
+
+    if os.environ.get("DIFFACCEL_COMMIT"):
+        return os.environ["DIFFACCEL_COMMIT"]
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    try:
+        sha = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("-dirty" if dirty else "")
+
+
 def environment(device):
     import triton
 
-    return dict(device=device_name(device), torch=torch.__version__, triton=triton.__version__,
-                time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    env = dict(device=device_name(device), torch=torch.__version__, triton=triton.__version__, commit=git_commit(),
+               time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if torch.device(device).type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        env.update(cuda=torch.version.cuda, capability=f"sm_{major}{minor}")
+    return env
 
 
 def case_dict(case):

@@ -91,10 +91,8 @@ def neighborhood_attention(q, k, v, grid, kernel_size, *, dilation=1, stride=1, 
 
 def _neighborhood(backend, q, k, v, args):
     if backend == "triton":
-        from .kernels.neighborhood_triton import neighborhood_triton
-
-        return neighborhood_triton(q, k, v, *args)
-    if backend == "flex":
+        from .kernels.neighborhood_triton import neighborhood_triton as run
+    elif backend == "flex":
         from .kernels.flex import neighborhood_flex as run
     else:
         from .kernels.neighborhood_torch import neighborhood_torch as run
@@ -228,10 +226,8 @@ def local_attention(q, k, v, grid, radius, *, text_len=0, text_first=True, down_
         kx = pool_tokens(k, grid, down_factor, pool_weight, text_len, text_first)
         vx = pool_tokens(v, grid, down_factor, pool_weight, text_len, text_first)
     if backend == "triton":
-        from .kernels.local_triton import local_triton
-
-        return local_triton(q, k, v, grid, radius, text_len, text_first, kx, vx, scale)
-    if backend == "flex":
+        from .kernels.local_triton import local_triton as run
+    elif backend == "flex":
         from .kernels.local_flex import local_flex as run
     else:
         from .kernels.local_torch import local_torch as run

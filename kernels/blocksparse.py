@@ -24,8 +24,11 @@ queries where the mode's test passes.
 
 Kernels: forward (online softmax, fp32 accumulation, log-sum-exp saved) and a
 FlashAttention-2 backward (dK/dV over the transposed table, dQ over the
-forward table).  They are registered as torch custom ops so ``torch.compile``
-treats them as single nodes.
+forward table).  A program owns ``ROWS`` rows of one block (all of it, or a
+part: fewer accumulator registers) and streams the blocks of its table row in
+``SUB``-slot pieces; tiles, ``num_warps`` and ``num_stages`` come from
+``launch.attention_launch`` per (architecture, dtype, head dim).  They are
+registered as torch custom ops so ``torch.compile`` treats them as single nodes.
 
 Block tables are either static (one table for every batch*head, built by a
 cached planner from the geometry: :func:`sparse_attention`) or dynamic (one
@@ -43,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import attention_block, attention_launch, cuda_arch
 from .tiling import EXTRA, IMAGE, PAD, TEXT
 
 MODE_NONE, MODE_BOX, MODE_CIRCLE, MODE_SELECT = 0, 1, 2, 3
@@ -54,22 +58,23 @@ _EXTRA_FLAG = tl.constexpr(EXTRA)
 
 
 @triton.jit
-def _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, sel_off, SEL_W,
-             MODE: tl.constexpr, NDIM: tl.constexpr):
+def _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, sel_off, SEL_W, MODE: tl.constexpr):
     qf = tl.load(QFLAG + offs_m)[:, None]
     kf = tl.load(KFLAG + offs_n)[None, :]
     vis = (kf == _TEXT_FLAG) | ((kf == _EXTRA_FLAG) & (qf == _IMAGE_FLAG)) | ((kf == _IMAGE_FLAG) & (qf == _TEXT_FLAG))
     img = (kf == _IMAGE_FLAG) & (qf == _IMAGE_FLAG)
     if MODE == 1:
-        for a in tl.static_range(NDIM):
+        # every axis: the planner gives unused axes an unbounded box
+        for a in tl.static_range(3):
             lo = tl.load(QLO + offs_m * 3 + a)[:, None]
             hi = tl.load(QHI + offs_m * 3 + a)[:, None]
             kp = tl.load(KPOS + offs_n * 3 + a)[None, :]
             img = img & (kp >= lo) & (kp <= hi)
         vis = vis | img
     elif MODE == 2:
+        # every axis: unused axes hold the same sentinel for queries and keys (distance 0)
         dist = tl.zeros(img.shape, dtype=tl.float32)
-        for a in tl.static_range(NDIM):
+        for a in tl.static_range(3):
             qc = tl.load(QLO + offs_m * 3 + a)[:, None]
             kp = tl.load(KPOS + offs_n * 3 + a)[None, :]
             dd = (kp - qc).to(tl.float32)
@@ -96,46 +101,42 @@ def _bs_fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, 
                    sm_scale, r2, s_tab, s_cnt, s_sel, SEL_W,
                    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
                    H, SQ, MAXK, D,
-                   BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, NDIM: tl.constexpr,
-                   PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
+                   BLOCK: tl.constexpr, ROWS: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr,
+                   MODE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """ROWS query slots of one query block (of BLOCK slots); every key block of the block's table row
+    in SUB-slot pieces."""
+    pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_m = pid // (BLOCK // ROWS)
     b = pid_bh // H
     h = pid_bh % H
-    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_m = pid * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = (offs_d < D)[None, :]
     q = _load_tile(Q, b * s_qb + h * s_qh, offs_m, s_qs, offs_d, dmask, UPCAST)
-    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    seen_bad = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     cnt = tl.load(KV_CNT + pid_bh * s_cnt + pid_m)
-    for j in range(0, cnt):
+    for t in range(0, cnt * (BLOCK // SUB)):
+        j = t // (BLOCK // SUB)
         kb = tl.load(KV_IDX + pid_bh * s_tab + pid_m * MAXK + j)
         full = tl.load(KV_FULL + pid_bh * s_tab + pid_m * MAXK + j)
-        offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+        offs_n = kb * BLOCK + (t % (BLOCK // SUB)) * SUB + tl.arange(0, SUB)
         k = _load_tile(K, b * s_kb + h * s_kh, offs_n, s_ks, offs_d, dmask, UPCAST)
         v = _load_tile(V, b * s_vb + h * s_vh, offs_n, s_vs, offs_d, dmask, UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if full == 0:
-            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, pid_bh * s_sel, SEL_W,
-                           MODE, NDIM)
+            vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, pid_bh * s_sel, SEL_W, MODE)
             qk = tl.where(vis, qk, -1.0e30)
-            # a non-finite value reaches only the queries that see it: a masked probability is 0 and
-            # 0 * nan = nan, so zero such values here and count, per (query, channel), the visible ones
-            v_ok = tl.abs(v) < float("inf")
-            if tl.sum(tl.where(v_ok, 0, 1)) > 0:
-                seen_bad += tl.dot(vis.to(tl.float32), tl.where(v_ok, 0.0, 1.0), input_precision="ieee")
-                v = tl.where(v_ok, v, 0.0).to(v.dtype)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
-    acc = tl.where(seen_bad > 0, float("nan"), acc / l_i[:, None])
+    acc = acc / l_i[:, None]
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_d[None, :], acc.to(O.dtype.element_ty), mask=dmask)
     # rows that saw no key (padding slots) get lse=+inf so the backward gives them zero probability
     tl.store(LSE + pid_bh * SQ + offs_m, tl.where(m_i > -1.0e29, m_i + tl.log2(l_i), float("inf")))
@@ -143,12 +144,12 @@ def _bs_fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, QFLAG, KFLAG, QLO, 
 
 @triton.jit
 def _probs_and_dscores(q, k, v, do, lse, delta, qk_scale, full, offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2,
-                       SEL, sel_off, SEL_W, MODE: tl.constexpr, NDIM: tl.constexpr, PREC: tl.constexpr):
-    """Backward of one (query block, key block) pair: recomputed probabilities P and dS = P * (dP - delta)."""
+                       SEL, sel_off, SEL_W, MODE: tl.constexpr, PREC: tl.constexpr):
+    """Backward of one (query tile, key tile) pair: recomputed probabilities P and dS = P * (dP - delta)."""
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     p = tl.exp2(qk - lse[:, None])
     if full == 0:
-        vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, sel_off, SEL_W, MODE, NDIM)
+        vis = _visible(offs_m, offs_n, QFLAG, KFLAG, QLO, QHI, KPOS, r2, SEL, sel_off, SEL_W, MODE)
         p = tl.where(vis, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     return p, p * (dp - delta[:, None])
@@ -159,31 +160,35 @@ def _bs_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT, Q_FULL, Q
                         sm_scale, r2, s_tab, s_cnt, s_sel, SEL_W,
                         s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
                         H, SQ, MAXQ, D,
-                        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, NDIM: tl.constexpr,
-                        PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid_n = tl.program_id(0)
+                        BLOCK: tl.constexpr, ROWS: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr,
+                        MODE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """ROWS key slots of one key block (of BLOCK slots); every query block of the block's (transposed)
+    table row in SUB-slot pieces."""
+    pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_n = pid // (BLOCK // ROWS)
     b = pid_bh // H
     h = pid_bh % H
-    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    offs_n = pid * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = (offs_d < D)[None, :]
     k = _load_tile(K, b * s_kb + h * s_kh, offs_n, s_ks, offs_d, dmask, UPCAST)
     v = _load_tile(V, b * s_vb + h * s_vh, offs_n, s_vs, offs_d, dmask, UPCAST)
-    dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dk = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     cnt = tl.load(Q_CNT + pid_bh * s_cnt + pid_n)
-    for i in range(0, cnt):
+    for t in range(0, cnt * (BLOCK // SUB)):
+        i = t // (BLOCK // SUB)
         qb = tl.load(Q_IDX + pid_bh * s_tab + pid_n * MAXQ + i)
         full = tl.load(Q_FULL + pid_bh * s_tab + pid_n * MAXQ + i)
-        offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+        offs_m = qb * BLOCK + (t % (BLOCK // SUB)) * SUB + tl.arange(0, SUB)
         q = _load_tile(Q, b * s_qb + h * s_qh, offs_m, s_qs, offs_d, dmask, UPCAST)
         do = _load_tile(DO, b * s_db + h * s_dh, offs_m, s_ds, offs_d, dmask, UPCAST)
         lse = tl.load(LSE + pid_bh * SQ + offs_m)
         delta = tl.load(DELTA + pid_bh * SQ + offs_m)
         p, ds = _probs_and_dscores(q, k, v, do, lse, delta, qk_scale, full, offs_m, offs_n, QFLAG, KFLAG, QLO, QHI,
-                                   KPOS, r2, SEL, pid_bh * s_sel, SEL_W, MODE, NDIM, PREC)
+                                   KPOS, r2, SEL, pid_bh * s_sel, SEL_W, MODE, PREC)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     dk = dk * sm_scale
@@ -196,48 +201,47 @@ def _bs_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, KV_FULL, QFLA
                       sm_scale, r2, s_tab, s_cnt, s_sel, SEL_W,
                       s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
                       H, SQ, MAXK, D,
-                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, NDIM: tl.constexpr,
-                      PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
+                      BLOCK: tl.constexpr, ROWS: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr,
+                      MODE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """ROWS query slots of one query block (of BLOCK slots); every key block of the block's table row
+    in SUB-slot pieces."""
+    pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_m = pid // (BLOCK // ROWS)
     b = pid_bh // H
     h = pid_bh % H
-    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_m = pid * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = (offs_d < D)[None, :]
     q = _load_tile(Q, b * s_qb + h * s_qh, offs_m, s_qs, offs_d, dmask, UPCAST)
     do = _load_tile(DO, b * s_db + h * s_dh, offs_m, s_ds, offs_d, dmask, UPCAST)
     lse = tl.load(LSE + pid_bh * SQ + offs_m)
     delta = tl.load(DELTA + pid_bh * SQ + offs_m)
-    dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     cnt = tl.load(KV_CNT + pid_bh * s_cnt + pid_m)
-    for j in range(0, cnt):
+    for t in range(0, cnt * (BLOCK // SUB)):
+        j = t // (BLOCK // SUB)
         kb = tl.load(KV_IDX + pid_bh * s_tab + pid_m * MAXK + j)
         full = tl.load(KV_FULL + pid_bh * s_tab + pid_m * MAXK + j)
-        offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+        offs_n = kb * BLOCK + (t % (BLOCK // SUB)) * SUB + tl.arange(0, SUB)
         k = _load_tile(K, b * s_kb + h * s_kh, offs_n, s_ks, offs_d, dmask, UPCAST)
         v = _load_tile(V, b * s_vb + h * s_vh, offs_n, s_vs, offs_d, dmask, UPCAST)
         p, ds = _probs_and_dscores(q, k, v, do, lse, delta, qk_scale, full, offs_m, offs_n, QFLAG, KFLAG, QLO, QHI,
-                                   KPOS, r2, SEL, pid_bh * s_sel, SEL_W, MODE, NDIM, PREC)
+                                   KPOS, r2, SEL, pid_bh * s_sel, SEL_W, MODE, PREC)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     dq = dq * sm_scale
     tl.store(DQ + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=dmask)
 
 
-def _launch_cfg(device, block, d):
-    if device.type != "cuda":
-        return {}
-    return {"num_warps": 8 if block * max(d, 64) >= 128 * 128 else 4, "num_stages": 2}
-
-
 def _prec(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # fp32 inputs: fp32 FMA products ("tf32x3" spills at every tile size, see launch.py); 16-bit: ignored
+    return "ieee"
 
 
-def _upcast(device, dtype):
+def _upcast(arch, dtype):
     # Triton 3.9's CPU interpreter computes bf16 tl.dot wrongly; upcast tiles to fp32 there only.
-    return device.type != "cuda" and dtype == torch.bfloat16
+    return arch is None and dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,8 +325,9 @@ def _slot_inputs(layout, plan, q, k, v, kx, vx):
     return qs, ks.contiguous(), vs.contiguous()
 
 
-def _default_block(device):
-    return 128 if torch.device(device).type == "cuda" else 16
+def default_block(q):
+    """Tile (slots per block) of the patterns for ``q``'s device, dtype and head dim (``launch.py``)."""
+    return attention_block(cuda_arch(q.device), q.dtype, q.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,14 +369,16 @@ def _run_fwd(layout, plan, tabs, q, k, v, kx, vx, scale, block):
     B, SQ, H, D = qs.shape
     o = torch.empty_like(qs)
     lse = torch.empty((B, H, SQ), device=q.device, dtype=torch.float32)
-    _bs_fwd_kernel[(SQ // block, B * H)](
+    arch = cuda_arch(q.device)
+    cfg = attention_launch(arch, q.dtype, D, "fwd", block)
+    _bs_fwd_kernel[(SQ // cfg.rows, B * H)](
         qs, ks, vs, o, lse, tabs.kv_idx, tabs.kv_cnt, tabs.kv_full, plan.qflag, plan.kflag, plan.qlo, plan.qhi,
         plan.kpos, tabs.sel, scale, plan.r2, tabs.kv_stride, tabs.kv_cnt_stride, tabs.sel_stride, tabs.sel_words,
         qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         vs.stride(0), vs.stride(1), vs.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, SQ, tabs.kv_idx.shape[-1], D,
-        BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(D)), MODE=plan.mode, NDIM=plan.ndim,
-        PREC=_prec(q.dtype), UPCAST=_upcast(q.device, q.dtype), **_launch_cfg(q.device, block, D),
+        BLOCK=block, ROWS=cfg.rows, SUB=cfg.sub, BLOCK_D=max(16, triton.next_power_of_2(D)), MODE=plan.mode,
+        PREC=_prec(q.dtype), UPCAST=_upcast(arch, q.dtype), **cfg.options(arch),
     )
     return layout.scatter(o), lse.index_select(2, layout.inv)
 
@@ -385,19 +392,24 @@ def _run_bwd(layout, plan, tabs, do, q, k, v, kx, vx, o, lse, scale, block):
     delta = (dos.float() * os_.float()).sum(-1).transpose(1, 2).contiguous()
     B, SQ, H, D = qs.shape
     dq, dk, dv = torch.empty_like(qs), torch.empty_like(ks), torch.empty_like(vs)
-    common = dict(BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(D)), MODE=plan.mode, NDIM=plan.ndim,
-                  PREC=_prec(q.dtype), UPCAST=_upcast(q.device, q.dtype), **_launch_cfg(q.device, block, D))
+    arch = cuda_arch(q.device)
+    common = dict(BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(D)), MODE=plan.mode, PREC=_prec(q.dtype),
+                  UPCAST=_upcast(arch, q.dtype))
+
+    dkdv = attention_launch(arch, q.dtype, D, "dkdv", block)
+    dqc = attention_launch(arch, q.dtype, D, "dq", block)
+
     strides = (qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
                vs.stride(0), vs.stride(1), vs.stride(2), dos.stride(0), dos.stride(1), dos.stride(2))
     meta = (plan.qflag, plan.kflag, plan.qlo, plan.qhi, plan.kpos, tabs.sel, scale, plan.r2)
-    _bs_bwd_dkdv_kernel[(ks.shape[1] // block, B * H)](
+    _bs_bwd_dkdv_kernel[(ks.shape[1] // dkdv.rows, B * H)](
         qs, ks, vs, dos, lses, delta, dk, dv, tabs.q_idx, tabs.q_cnt, tabs.q_full, *meta,
         tabs.q_stride, tabs.q_cnt_stride, tabs.sel_stride, tabs.sel_words,
-        *strides, H, SQ, tabs.q_idx.shape[-1], D, **common)
-    _bs_bwd_dq_kernel[(SQ // block, B * H)](
+        *strides, H, SQ, tabs.q_idx.shape[-1], D, **common, ROWS=dkdv.rows, SUB=dkdv.sub, **dkdv.options(arch))
+    _bs_bwd_dq_kernel[(SQ // dqc.rows, B * H)](
         qs, ks, vs, dos, lses, delta, dq, tabs.kv_idx, tabs.kv_cnt, tabs.kv_full, *meta,
         tabs.kv_stride, tabs.kv_cnt_stride, tabs.sel_stride, tabs.sel_words,
-        *strides, H, SQ, tabs.kv_idx.shape[-1], D, **common)
+        *strides, H, SQ, tabs.kv_idx.shape[-1], D, **common, ROWS=dqc.rows, SUB=dqc.sub, **dqc.options(arch))
     n = layout.num_slots
     grads = [layout.scatter(dq), layout.scatter(dk[:, :n]), layout.scatter(dv[:, :n])]
     if kx is not None:
@@ -464,7 +476,7 @@ def sparse_attention(q, k, v, pattern, ints, floats=(), scale=None, kx=None, vx=
     Differentiable (Triton backward); one opaque custom op under torch.compile.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    block = int(block or _default_block(q.device))
+    block = int(block or default_block(q))
     out, _ = sparse_attn_fwd(q, k, v, kx, vx, pattern, [int(i) for i in ints], [float(f) for f in floats], scale,
                              block)
     return out
@@ -554,7 +566,7 @@ def sparse_attention_dynamic(q, k, v, pattern, ints, tables, sel, floats=(), sca
     Differentiable in q, k, v (Triton backward); one custom op under torch.compile.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    block = int(block or _default_block(q.device))
+    block = int(block or default_block(q))
     B, _, H, _ = q.shape
     if any(t.shape[0] != B * H for t in tables) or sel.shape[0] != B * H:
         raise ValueError(f"dynamic tables must have B*H = {B * H} rows")

@@ -9,10 +9,11 @@ Maths (see :mod:`linear_attention_ref` for the plain definition), per batch
 Forward, two passes:
 
 1. ``_state_kernel``: one pass over k/v.  Program ``(bh, split, d-tile)``
-   applies the feature map, scales it by ``1/N`` *before* accumulating (so the
-   fp32 state never grows with the sequence length) and accumulates a
-   ``[BLOCK_D, BLOCK_D]`` tile of ``S`` and the matching slice of ``z`` over its
-   share of the sequence.  The per-split partial states are summed afterwards.
+   applies the feature map and accumulates a ``[BLOCK_D, BLOCK_D]`` tile of
+   ``S`` and the matching slice of ``z`` over its share of the sequence in fp32,
+   scaled by ``1/N`` at the end (fp32 sums of fp16/bf16 products cannot
+   overflow; ``phi(k) / N`` itself could be subnormal in fp16).  The per-split
+   partial states are summed afterwards.
 2. ``_output_kernel``: program ``(bh, q-tile, dv-tile)`` computes
    ``phi(q) S / den``; it also stores ``den`` (fp32, ``[B*H, Sq]``) for the backward.
 
@@ -27,9 +28,13 @@ shape as the forward state), ``_dq_kernel`` and ``_dkv_kernel``.
 
 Head dims are padded to a multiple of ``BLOCK_D`` (a power of two, >= 16);
 padded feature columns are forced to ``phi = 0`` so they contribute nothing.
-All tensors are read through their strides (non-contiguous inputs are fine);
-every product is accumulated in fp32 (``input_precision="ieee"``), outputs are
-stored in q's dtype.
+All tensors are read through their strides (non-contiguous inputs are fine).
+Matrix products take their operands in the inputs' dtype (fp16/bf16: tensor
+cores; the fp32 features and states are rounded to it) and accumulate in fp32;
+fp32 inputs multiply in fp32 (``input_precision="ieee"``).  The feature map
+keeps NaN (a NaN query gives a NaN output row, a NaN key NaN everywhere, as the
+reference).  Outputs are stored in q's dtype; tiles and launch settings come
+from ``launch.linear_launch``.
 
 The kernels are exposed as two ``torch.library`` custom ops
 (``diffaccel::linear_attention_fwd`` / ``diffaccel::linear_attention_bwd``)
@@ -42,33 +47,46 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64  # tokens per tile
+from .launch import cuda_arch, linear_launch
+
 _TARGET_PROGRAMS = 264  # ~2 waves on a 132-SM GPU for the split-over-sequence reductions
 
 
 @triton.jit
 def _phi(x):
-    # elu(x) + 1; tl.where picks x + 1 wherever exp(x) could overflow.
-    return tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+    # elu(x) + 1; the exponential only sees x <= 0 (no overflow), and NaN stays NaN
+    return tl.where(x > 0, x + 1.0, tl.exp(tl.where(x > 0, 0.0, x)))
 
 
 @triton.jit
 def _dphi(x):
-    return tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0)))
+    return tl.where(x > 0, 1.0, tl.exp(tl.where(x > 0, 0.0, x)))
 
 
 @triton.jit
 def _load_tile(base, rows, cols, s_stride, d_stride, n_rows, n_cols):
+    """A tile in the tensor's own dtype, and its mask."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     x = tl.load(base + rows[:, None] * s_stride + cols[None, :] * d_stride, mask=mask, other=0.0)
-    return x.to(tl.float32), mask
+    return x, mask
+
+
+@triton.jit
+def _operand(x, PTR, EMULATE: tl.constexpr):
+    """``x`` as a matrix-product operand: rounded to the dtype of ``PTR``'s elements (the inputs' dtype:
+    16-bit inputs run on tensor cores, accumulating in fp32).  ``EMULATE`` (the CPU interpreter, whose
+    bf16 products are wrong): kept in fp32 after the rounding, which gives the same products."""
+    y = x.to(PTR.dtype.element_ty)
+    if EMULATE:
+        y = y.to(tl.float32)
+    return y
 
 
 @triton.jit
 def _state_kernel(K, V, S_PART, Z_PART,
                   skb, sks, skh, skd, svb, svs, svh, svd,
                   H, N, D, inv_n, tiles_per_split, n_dblk,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     pid_d = tl.program_id(2)
@@ -85,22 +103,23 @@ def _state_kernel(K, V, S_PART, Z_PART,
     for t in range(0, tiles_per_split):
         rows = start + t * BLOCK_N + tl.arange(0, BLOCK_N)
         kt, kmask = _load_tile(k_base, rows, dk, sks, skd, N, D)
-        fk = tl.where(kmask, _phi(kt), 0.0) * inv_n
+        fk = tl.where(kmask, _phi(kt.to(tl.float32)), 0.0)
         vt, _ = _load_tile(v_base, rows, dv, svs, svd, N, D)
-        acc += tl.dot(tl.trans(fk), vt, input_precision="ieee")
+        acc += tl.dot(tl.trans(_operand(fk, K, EMULATE)), _operand(vt, V, EMULATE), input_precision=PREC)
         zacc += tl.sum(fk, axis=0)
     dp = n_dblk * BLOCK_D
     part = pid_bh.to(tl.int64) * n_splits + split
-    tl.store(S_PART + (part * dp + dk[:, None]) * dp + dv[None, :], acc)
+    # the 1/N after the sums: 16-bit operands keep their precision (phi(k) / N can be subnormal in fp16)
+    tl.store(S_PART + (part * dp + dk[:, None]) * dp + dv[None, :], acc * inv_n)
     if pid_d % n_dblk == 0:
-        tl.store(Z_PART + part * dp + dk, zacc)
+        tl.store(Z_PART + part * dp + dk, zacc * inv_n)
 
 
 @triton.jit
 def _output_kernel(Q, S, Z, O, DEN,
                    sqb, sqs, sqh, sqd, sob, sos, soh, sod,
                    H, M, D, eps, n_dblk,
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_dv = tl.program_id(2)
@@ -116,10 +135,10 @@ def _output_kernel(Q, S, Z, O, DEN,
     for kb in range(0, n_dblk):
         dk = kb * BLOCK_D + tl.arange(0, BLOCK_D)
         qt, qmask = _load_tile(q_base, rows, dk, sqs, sqd, M, D)
-        fq = tl.where(qmask, _phi(qt), 0.0)
+        fq = tl.where(qmask, _phi(qt.to(tl.float32)), 0.0)
         st = tl.load(S + (bh * dp + dk[:, None]) * dp + dv[None, :])
         zt = tl.load(Z + bh * dp + dk)
-        num += tl.dot(fq, st, input_precision="ieee")
+        num += tl.dot(_operand(fq, Q, EMULATE), _operand(st, Q, EMULATE), input_precision=PREC)
         den += tl.sum(fq * zt[None, :], axis=1)
     den = den + eps
     out = num / den[:, None]
@@ -147,7 +166,7 @@ def _delta_kernel(DO, O, DEN, DELTA,
         d = db * BLOCK_D + tl.arange(0, BLOCK_D)
         g, _ = _load_tile(DO + b * sdb + h * sdh, rows, d, sds, sdd, M, D)
         o, _ = _load_tile(O + b * sob + h * soh, rows, d, sos, sod, M, D)
-        acc += tl.sum(g * o, axis=1)
+        acc += tl.sum(g.to(tl.float32) * o.to(tl.float32), axis=1)
     den = tl.load(DEN + bh * M + rows, mask=rows < M, other=1.0)
     tl.store(DELTA + bh * M + rows, acc / den, mask=rows < M)
 
@@ -156,7 +175,7 @@ def _delta_kernel(DO, O, DEN, DELTA,
 def _dstate_kernel(Q, DO, DEN, DELTA, DS_PART, DZ_PART,
                    sqb, sqs, sqh, sqd, sdb, sds, sdh, sdd,
                    H, M, D, tiles_per_split, n_dblk,
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     pid_d = tl.program_id(2)
@@ -172,11 +191,12 @@ def _dstate_kernel(Q, DO, DEN, DELTA, DS_PART, DZ_PART,
     for t in range(0, tiles_per_split):
         rows = start + t * BLOCK_M + tl.arange(0, BLOCK_M)
         qt, qmask = _load_tile(Q + b * sqb + h * sqh, rows, dk, sqs, sqd, M, D)
-        fq = tl.where(qmask, _phi(qt), 0.0)
+        fq = tl.where(qmask, _phi(qt.to(tl.float32)), 0.0)
         g, _ = _load_tile(DO + b * sdb + h * sdh, rows, dv, sds, sdd, M, D)
         den = tl.load(DEN + bh * M + rows, mask=rows < M, other=1.0)
         dl = tl.load(DELTA + bh * M + rows, mask=rows < M, other=0.0)
-        acc += tl.dot(tl.trans(fq), g / den[:, None], input_precision="ieee")
+        acc += tl.dot(tl.trans(_operand(fq / den[:, None], Q, EMULATE)), _operand(g, DO, EMULATE),
+                      input_precision=PREC)
         zacc -= tl.sum(fq * dl[:, None], axis=0)
     dp = n_dblk * BLOCK_D
     part = bh * n_splits + split
@@ -189,7 +209,7 @@ def _dstate_kernel(Q, DO, DEN, DELTA, DS_PART, DZ_PART,
 def _dq_kernel(Q, DO, S, Z, DEN, DELTA, DQ,
                sqb, sqs, sqh, sqd, sdb, sds, sdh, sdd, sgb, sgs, sgh, sgd,
                H, M, D, n_dblk,
-               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_dk = tl.program_id(2)
@@ -204,13 +224,13 @@ def _dq_kernel(Q, DO, S, Z, DEN, DELTA, DQ,
         dv = vb * BLOCK_D + tl.arange(0, BLOCK_D)
         g, _ = _load_tile(DO + b * sdb + h * sdh, rows, dv, sds, sdd, M, D)
         st = tl.load(S + (bh * dp + dk[:, None]) * dp + dv[None, :])
-        g_acc += tl.dot(g, tl.trans(st), input_precision="ieee")
+        g_acc += tl.dot(_operand(g, DO, EMULATE), tl.trans(_operand(st, DO, EMULATE)), input_precision=PREC)
     den = tl.load(DEN + bh * M + rows, mask=rows < M, other=1.0)
     dl = tl.load(DELTA + bh * M + rows, mask=rows < M, other=0.0)
     zt = tl.load(Z + bh * dp + dk)
     dfq = g_acc / den[:, None] - dl[:, None] * zt[None, :]
     qt, qmask = _load_tile(Q + b * sqb + h * sqh, rows, dk, sqs, sqd, M, D)
-    dq = dfq * _dphi(qt)
+    dq = dfq * _dphi(qt.to(tl.float32))
     tl.store(DQ + b * sgb + h * sgh + rows[:, None] * sgs + dk[None, :] * sgd, dq.to(DQ.dtype.element_ty), mask=qmask)
 
 
@@ -218,7 +238,7 @@ def _dq_kernel(Q, DO, S, Z, DEN, DELTA, DQ,
 def _dkv_kernel(K, V, DS, DZ, DK, DV,
                 skb, sks, skh, skd, svb, svs, svh, svd, sgb, sgs, sgh, sgd,
                 H, N, D, inv_n, n_dblk,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
     # program (bh, key tile, c): c < n_dblk -> dk columns block c, else dv columns block c - n_dblk.
     # DK and DV share the strides (sgb, ...): both are allocated contiguous [B, N, H, D].
     pid_bh = tl.program_id(0)
@@ -236,10 +256,10 @@ def _dkv_kernel(K, V, DS, DZ, DK, DV,
             dv = vb * BLOCK_D + tl.arange(0, BLOCK_D)
             vt, _ = _load_tile(V + b * svb + h * svh, rows, dv, svs, svd, N, D)
             dst = tl.load(DS + (bh * dp + dk[:, None]) * dp + dv[None, :])
-            acc += tl.dot(vt, tl.trans(dst), input_precision="ieee")
+            acc += tl.dot(_operand(vt, V, EMULATE), tl.trans(_operand(dst, V, EMULATE)), input_precision=PREC)
         dzt = tl.load(DZ + bh * dp + dk)
         kt, kmask = _load_tile(K + b * skb + h * skh, rows, dk, sks, skd, N, D)
-        gk = (acc + dzt[None, :]) * inv_n * _dphi(kt)
+        gk = (acc + dzt[None, :]) * inv_n * _dphi(kt.to(tl.float32))
         tl.store(DK + b * sgb + h * sgh + rows[:, None] * sgs + dk[None, :] * sgd,
                  gk.to(DK.dtype.element_ty), mask=kmask)
     else:
@@ -247,16 +267,16 @@ def _dkv_kernel(K, V, DS, DZ, DK, DV,
         for kb in range(0, n_dblk):
             dk = kb * BLOCK_D + tl.arange(0, BLOCK_D)
             kt, kmask = _load_tile(K + b * skb + h * skh, rows, dk, sks, skd, N, D)
-            fk = tl.where(kmask, _phi(kt), 0.0)
+            fk = tl.where(kmask, _phi(kt.to(tl.float32)), 0.0)
             dst = tl.load(DS + (bh * dp + dk[:, None]) * dp + dv[None, :])
-            acc += tl.dot(fk, dst, input_precision="ieee")
+            acc += tl.dot(_operand(fk, K, EMULATE), _operand(dst, K, EMULATE), input_precision=PREC)
         vmask = (rows[:, None] < N) & (dv[None, :] < D)
         tl.store(DV + b * sgb + h * sgh + rows[:, None] * sgs + dv[None, :] * sgd,
                  (acc * inv_n).to(DV.dtype.element_ty), mask=vmask)
 
 
-def _block_d(d):
-    return min(64, max(16, triton.next_power_of_2(d)))
+def _block_d(d, arch, dtype):
+    return min(linear_launch(arch, dtype, "state").sub, max(16, triton.next_power_of_2(d)))
 
 
 def _splits(n_rows, block, programs_per_split):
@@ -266,64 +286,74 @@ def _splits(n_rows, block, programs_per_split):
     return triton.cdiv(tiles, per_split), per_split
 
 
+def _settings(q):
+    """``(arch, dtype-dependent constexprs, launch of each kernel)`` of one call."""
+    arch = cuda_arch(q.device)
+    consts = dict(PREC="ieee", EMULATE=arch is None)
+    return arch, consts, lambda kernel: linear_launch(arch, q.dtype, kernel)
+
+
 def _forward(q, k, v, eps):
     b, m, h, d = q.shape
     n = k.shape[1]
-    bd = _block_d(d)
+    arch, consts, cfg = _settings(q)
+    bd = _block_d(d, arch, q.dtype)
     nd = triton.cdiv(d, bd)
     dp = nd * bd
     bh = b * h
-    n_splits, per_split = _splits(n, BLOCK_N, bh * nd * nd)
+    st, out_cfg = cfg("state"), cfg("output")
+    n_splits, per_split = _splits(n, st.block, bh * nd * nd)
     s_part = torch.empty((bh, n_splits, dp, dp), device=q.device, dtype=torch.float32)
     z_part = torch.empty((bh, n_splits, dp), device=q.device, dtype=torch.float32)
     _state_kernel[(bh, n_splits, nd * nd)](
         k, v, s_part, z_part, *k.stride(), *v.stride(),
-        h, n, d, 1.0 / n, per_split, nd, BLOCK_N=BLOCK_N, BLOCK_D=bd)
+        h, n, d, 1.0 / n, per_split, nd, BLOCK_N=st.block, BLOCK_D=bd, **consts, **st.options(arch))
     state = s_part.sum(dim=1) if n_splits > 1 else s_part[:, 0].contiguous()
     norm = z_part.sum(dim=1) if n_splits > 1 else z_part[:, 0].contiguous()
     out = torch.empty((b, m, h, d), device=q.device, dtype=q.dtype)
     den = torch.empty((bh, m), device=q.device, dtype=torch.float32)
-    _output_kernel[(bh, triton.cdiv(m, BLOCK_N), nd)](
+    _output_kernel[(bh, triton.cdiv(m, out_cfg.block), nd)](
         q, state, norm, out, den, *q.stride(), *out.stride(),
-        h, m, d, float(eps), nd, BLOCK_M=BLOCK_N, BLOCK_D=bd)
+        h, m, d, float(eps), nd, BLOCK_M=out_cfg.block, BLOCK_D=bd, **consts, **out_cfg.options(arch))
     return out, state, norm, den
 
 
 def _backward(do, q, k, v, out, state, norm, den):
     b, m, h, d = q.shape
     n = k.shape[1]
-    bd = _block_d(d)
+    arch, consts, cfg = _settings(q)
+    bd = _block_d(d, arch, q.dtype)
     nd = triton.cdiv(d, bd)
     dp = nd * bd
     bh = b * h
-    m_tiles = triton.cdiv(m, BLOCK_N)
+    de, dst, dqc, dkv = cfg("delta"), cfg("dstate"), cfg("dq"), cfg("dkv")
     delta = torch.empty((bh, m), device=q.device, dtype=torch.float32)
-    _delta_kernel[(bh, m_tiles)](
+    _delta_kernel[(bh, triton.cdiv(m, de.block))](
         do, out, den, delta, *do.stride(), *out.stride(),
-        h, m, d, nd, BLOCK_M=BLOCK_N, BLOCK_D=bd)
-    n_splits, per_split = _splits(m, BLOCK_N, bh * nd * nd)
+        h, m, d, nd, BLOCK_M=de.block, BLOCK_D=bd, **de.options(arch))
+    n_splits, per_split = _splits(m, dst.block, bh * nd * nd)
     ds_part = torch.empty((bh, n_splits, dp, dp), device=q.device, dtype=torch.float32)
     dz_part = torch.empty((bh, n_splits, dp), device=q.device, dtype=torch.float32)
     _dstate_kernel[(bh, n_splits, nd * nd)](
         q, do, den, delta, ds_part, dz_part, *q.stride(), *do.stride(),
-        h, m, d, per_split, nd, BLOCK_M=BLOCK_N, BLOCK_D=bd)
+        h, m, d, per_split, nd, BLOCK_M=dst.block, BLOCK_D=bd, **consts, **dst.options(arch))
     dstate = ds_part.sum(dim=1) if n_splits > 1 else ds_part[:, 0].contiguous()
     dnorm = dz_part.sum(dim=1) if n_splits > 1 else dz_part[:, 0].contiguous()
     dq = torch.empty((b, m, h, d), device=q.device, dtype=q.dtype)
-    _dq_kernel[(bh, m_tiles, nd)](
+    _dq_kernel[(bh, triton.cdiv(m, dqc.block), nd)](
         q, do, state, norm, den, delta, dq, *q.stride(), *do.stride(), *dq.stride(),
-        h, m, d, nd, BLOCK_M=BLOCK_N, BLOCK_D=bd)
+        h, m, d, nd, BLOCK_M=dqc.block, BLOCK_D=bd, **consts, **dqc.options(arch))
     dk = torch.empty((b, n, h, d), device=q.device, dtype=k.dtype)
     dv = torch.empty((b, n, h, d), device=q.device, dtype=v.dtype)
-    _dkv_kernel[(bh, triton.cdiv(n, BLOCK_N), 2 * nd)](
+    _dkv_kernel[(bh, triton.cdiv(n, dkv.block), 2 * nd)](
         k, v, dstate, dnorm, dk, dv, *k.stride(), *v.stride(), *dk.stride(),
-        h, n, d, 1.0 / n, nd, BLOCK_N=BLOCK_N, BLOCK_D=bd)
+        h, n, d, 1.0 / n, nd, BLOCK_N=dkv.block, BLOCK_D=bd, **consts, **dkv.options(arch))
     return dq, dk, dv
 
 
-def _padded_dim(d):
-    bd = _block_d(d)
-    return triton.cdiv(d, bd) * bd
+def _padded_dim(q):
+    bd = _block_d(q.shape[-1], cuda_arch(q.device), q.dtype)
+    return triton.cdiv(q.shape[-1], bd) * bd
 
 
 @torch.library.custom_op("diffaccel::linear_attention_fwd", mutates_args=())
@@ -336,7 +366,7 @@ def linear_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps:
 @linear_attention_fwd.register_fake
 def _(q, k, v, eps):
     b, m, h, d = q.shape
-    dp = _padded_dim(d)
+    dp = _padded_dim(q)
     return (q.new_empty((b, m, h, d)),
             q.new_empty((b * h, dp, dp), dtype=torch.float32),
             q.new_empty((b * h, dp), dtype=torch.float32),

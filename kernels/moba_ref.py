@@ -4,8 +4,9 @@ and a dense-mask reference, in plain PyTorch.
 The image/video tokens of a grid ``(L,)``, ``(H, W)`` or ``(T, H, W)`` (row-major) are cut into
 blocks of ``block`` tokens per axis (border blocks may be smaller); blocks are numbered row-major
 over the block grid.  Each query scores every block with the dot product of the query and the
-block's mean key, in fp32 (no softmax scale), keeps its *own* block (the block holding its
-position) and a few of the best other blocks, and attends to every token of the chosen blocks.
+block's mean key (rounded to the inputs' dtype), accumulated in fp32 (no softmax scale), keeps its
+*own* block (the block holding its position) and a few of the best other blocks, and attends to every
+token of the chosen blocks.
 
 Selection rules (``topk`` or ``threshold``):
 

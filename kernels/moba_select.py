@@ -91,8 +91,10 @@ def _finite_rows(x):
 def gate_means(x, part):
     """:func:`block_means` as the gate uses them: a block whose mean is not finite (it holds a non-finite
     key, or query for tile selection) gets a zero mean, so it scores 0 for every query and the
-    selection stays well defined, the same on every backend; whoever selects it sees the bad key."""
-    return _finite_rows(block_means(x, part))
+    selection stays well defined, the same on every backend; whoever selects it sees the bad key.  The
+    means are rounded to the inputs' dtype (as MoBA's own gate keeps them; fp32 inputs: unchanged), so
+    16-bit inputs can be scored on tensor cores; the products are accumulated in fp32."""
+    return _finite_rows(block_means(x, part).to(x.dtype).float())
 
 
 def moba_gate(q_img, k_img, part, selection="query"):

@@ -31,19 +31,24 @@ import triton.language as tl
 
 from .blocksparse import (MODE_SELECT, BlockPlan, dynamic_tables, register_planner, sparse_attn_dyn_bwd,
                           sparse_attn_dyn_fwd)
+from .launch import attention_block, cuda_arch, gate_launch
 from .moba_select import block_partition, gate_means, image_slices, select_blocks
+from .nonfinite import clean, nan_rows, nonfinite_marks
 from .tiling import _BIG, IMAGE, PAD, TEXT, TileLayout
 
 # elements of the per-query selection [B, heads, N, n_blocks] handled at once
 _SEL_BUDGET = 1 << 26
 
 
-def kernel_block(block, device):
-    """Kernel block (slots per tile): 16 on CPU (the interpreter); on CUDA the MoBA block size
-    rounded up to a power of two, between 16 and 128."""
-    if torch.device(device).type != "cuda":
+def kernel_block(block, q):
+    """Kernel block (slots per tile) for MoBA blocks of ``block`` tokens per axis and ``q``'s device,
+    dtype and head dim: 16 on the interpreter; on CUDA the MoBA block size rounded up to a power of two,
+    between 16 and the core's tile for ``q`` (``launch.attention_block``)."""
+    arch = cuda_arch(q.device)
+    if arch is None:
         return 16
-    return max(16, min(128, 1 << max(0, (math.prod(block) - 1).bit_length())))
+    cap = attention_block(arch, q.dtype, q.shape[-1])
+    return max(16, min(cap, 1 << max(0, (math.prod(block) - 1).bit_length())))
 
 
 def pack_bits(sel):
@@ -132,84 +137,187 @@ def moba_plan(ints, floats, block, device):
     return geo.layout, geo.plan
 
 
-# largest number of MoBA blocks the fused gate kernel handles (its scores row stays in registers)
+# beyond this many MoBA blocks the torch selection path is faster than the fused gate kernel (whose
+# shared memory is bounded whatever the count: it streams the candidates in chunks)
 GATE_MAX_BLOCKS = 1024
-_GATE_ROWS = 16  # query slots per inner step of the gate kernel
 
 
 @triton.jit
-def _moba_gate_kernel(q_ptr, km_ptr, slot_token_ptr, slot_valid_ptr, kb_mb_ptr, bits_ptr, any_ptr, all_ptr,
-                      threshold, stride_qb, stride_qs, stride_qh, img_off, H, C, D, n_slots, n_words, n_tiles,
-                      TOPK: tl.constexpr, THRESH: tl.constexpr, KBLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Gate and per-query selection of one query tile (``KBLOCK`` image slots, all of one MoBA block) of
-    one batch*head: scores ``q . mean(k of block)`` in fp32, the own block plus the best others (top-k
+def _gate_scores(q_rows, valid, km_ptr, km_base, c0, offs_c, C, D, BLOCK_D: tl.constexpr, KCH: tl.constexpr,
+                 UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Scores ``q . kmean`` of the query rows ``q_rows`` (row pointers, ``[BLOCK_M, 1]``) against candidate
+    blocks ``c0 + offs_c``, fp32, accumulated over head-dim pieces of ``KCH``."""
+    cm = (c0 + offs_c) < C
+    s = tl.zeros([q_rows.shape[0], offs_c.shape[0]], dtype=tl.float32)
+    for d0 in range(0, BLOCK_D, KCH):
+        offs_d = d0 + tl.arange(0, KCH)
+        dm = (offs_d < D)[None, :]
+        qt = tl.load(q_rows + offs_d[None, :], mask=valid[:, None] & dm, other=0.0)
+        km = tl.load(km_ptr + km_base + (c0 + offs_c)[:, None] * D + offs_d[None, :], mask=cm[:, None] & dm,
+                     other=0.0)
+        if UPCAST:
+            qt = qt.to(tl.float32)
+            km = km.to(tl.float32)
+        s += tl.dot(qt, tl.trans(km), input_precision=PREC)
+    return s
+
+
+@triton.jit
+def _gate_next(g, idx, cand, cv, ci):
+    """Per row, the best entry of ``g`` after ``(cv, ci)`` in the order (value descending, block ascending)
+    among ``cand``: ``(value, block)``, ``(-inf, 2**30)`` when there is none."""
+    after = cand & ((g < cv[:, None]) | ((g == cv[:, None]) & (idx[None, :] > ci[:, None])))
+    w = tl.where(after, g, float("-inf"))
+    m = tl.max(w, 1)
+    i = tl.min(tl.where(after & (w == m[:, None]), idx[None, :], 1 << 30), 1)
+    return m, i
+
+
+@triton.jit
+def _moba_gate_kernel(q_ptr, km_ptr, slot_token_ptr, slot_valid_ptr, kb_mb_ptr, bits_ptr, any_ptr, all_ptr, cut_ptr,
+                      cut_idx_ptr, threshold, stride_qb, stride_qs, stride_qh, img_off, H, C, D, n_slots, n_words,
+                      n_tiles, kblock, n_pick,
+                      THRESH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                      KCH: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Gate and per-query selection of one query tile (``kblock`` image slots, all of one MoBA block) of
+    one batch*head: scores ``q . kmean`` (fp32 accumulation), the own block plus the best others (top-k
     or VMoBA's threshold rule; ties: lower block first), written as selection bits per slot and as the
-    union / intersection over the tile's valid queries."""
+    union / intersection over the tile's valid queries.
+
+    Candidates are streamed in chunks of ``BLOCK_C`` (shared memory and registers do not grow with the
+    number of blocks).  Pass 1, per ``BLOCK_M`` query rows: the *cut*, the last block taken in the order
+    (normalised score descending, block ascending): ``n_pick`` steps of "next best" for top-k, VMoBA's
+    cumulative rule for a threshold (at most ``C - 1`` steps, stopping once every row is done); with one
+    chunk the scores stay in registers, else they are recomputed per step.  The cut (and the row's
+    normalisation) goes to ``cut_ptr``/``cut_idx_ptr``.  Pass 2, chunk by chunk: selected = own block or
+    at or before the cut."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     own = tl.load(kb_mb_ptr + tile)
     offs_c = tl.arange(0, BLOCK_C)
-    offs_d = tl.arange(0, BLOCK_D)
-    cmask = offs_c < C
-    km = tl.load(km_ptr + bh * C * D + offs_c[:, None] * D + offs_d[None, :],
-                 mask=cmask[:, None] & (offs_d[None, :] < D), other=0.0)
-    is_own = (offs_c == own)[None, :]
-    shift = offs_c % 32
-    any_acc = tl.zeros([BLOCK_C], dtype=tl.int32)
-    all_acc = tl.full([BLOCK_C], 1, dtype=tl.int32)
-    for r in tl.static_range(KBLOCK // BLOCK_M):
-        offs_m = tile * KBLOCK + r * BLOCK_M + tl.arange(0, BLOCK_M)
+    km_base = bh * C * D
+    one_chunk = C <= BLOCK_C
+    cut_rows = cut_ptr + bh * n_slots * 3
+    for r in range(0, kblock, BLOCK_M):
+        offs_m = tile * kblock + r + tl.arange(0, BLOCK_M)
         tok = tl.load(slot_token_ptr + offs_m)
         valid = tl.load(slot_valid_ptr + offs_m) != 0
-        qt = tl.load(q_ptr + b * stride_qb + (img_off + tok)[:, None] * stride_qs + h * stride_qh + offs_d[None, :],
-                     mask=valid[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-        s = tl.dot(qt, tl.trans(km), input_precision="ieee")  # [BLOCK_M, BLOCK_C] fp32
-        sel = is_own & (offs_m >= 0)[:, None]
+        q_rows = q_ptr + b * stride_qb + (img_off + tok)[:, None] * stride_qs + h * stride_qh
+        cv = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
+        ci = tl.full([BLOCK_M], -1, dtype=tl.int32)
+        lo = tl.zeros([BLOCK_M], dtype=tl.float32)
+        den = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
         if THRESH:
-            lo = tl.min(tl.where(cmask[None, :], s, float("inf")), 1)
-            hi = tl.max(tl.where(cmask[None, :], s, float("-inf")), 1)
+            # min-max normalisation over every block, then the own block's share and the total
+            hi = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            lo = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                s = _gate_scores(q_rows, valid, km_ptr, km_base, c0, offs_c, C, D, BLOCK_D, KCH, UPCAST, PREC)
+                cm = ((c0 + offs_c) < C)[None, :]
+                lo = tl.minimum(lo, tl.min(tl.where(cm, s, float("inf")), 1))
+                hi = tl.maximum(hi, tl.max(tl.where(cm, s, float("-inf")), 1))
             den = hi - lo
             den = tl.where(den <= 1e-6, 1.0, den)
-            g = tl.where(cmask[None, :], (s - lo[:, None]) / den[:, None], 0.0)
-            own_val = tl.sum(tl.where(is_own, g, 0.0), 1)
-            total = tl.sum(g, 1) + 1e-6
+            total = tl.zeros([BLOCK_M], dtype=tl.float32)
+            own_val = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                s = _gate_scores(q_rows, valid, km_ptr, km_base, c0, offs_c, C, D, BLOCK_D, KCH, UPCAST, PREC)
+                idx = c0 + offs_c
+                g = tl.where((idx < C)[None, :], (s - lo[:, None]) / den[:, None], 0.0)
+                total += tl.sum(g, 1)
+                own_val += tl.sum(tl.where((idx == own)[None, :], g, 0.0), 1)
+            total = total + 1e-6
             remain = tl.maximum(threshold - own_val / total, 0.0)
-            work = tl.where(cmask[None, :] & ~is_own, g, float("-inf"))
             cum = tl.zeros([BLOCK_M], dtype=tl.float32)
-            done = offs_m < 0
-            for _ in range(C - 1):
-                m = tl.max(work, 1)
-                idx = tl.min(tl.where(work == m[:, None], offs_c[None, :], BLOCK_C), 1)
-                take = (~done) & (m > float("-inf"))
-                hit = offs_c[None, :] == idx[:, None]
-                sel = sel | (hit & take[:, None])
-                work = tl.where(hit, float("-inf"), work)
-                cum += tl.where(take, m, 0.0)
-                done = done | (cum / total >= remain)
+            done = ~valid
+            step = 0
+            if one_chunk:
+                s = _gate_scores(q_rows, valid, km_ptr, km_base, 0, offs_c, C, D, BLOCK_D, KCH, UPCAST, PREC)
+                g = (s - lo[:, None]) / den[:, None]
+                cand = ((offs_c < C) & (offs_c != own))[None, :]
+                while (step < C - 1) & (tl.min(done.to(tl.int32), 0) == 0):
+                    m, i = _gate_next(g, offs_c, cand, cv, ci)
+                    take = (~done) & (m > float("-inf"))
+                    cv = tl.where(take, m, cv)
+                    ci = tl.where(take, i, ci)
+                    cum += tl.where(take, m, 0.0)
+                    done = done | (cum / total >= remain)
+                    step += 1
+            else:
+                while (step < C - 1) & (tl.min(done.to(tl.int32), 0) == 0):
+                    bm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+                    bi = tl.full([BLOCK_M], 1 << 30, dtype=tl.int32)
+                    for c0 in range(0, C, BLOCK_C):
+                        s = _gate_scores(q_rows, valid, km_ptr, km_base, c0, offs_c, C, D, BLOCK_D, KCH, UPCAST, PREC)
+                        idx = c0 + offs_c
+                        g = (s - lo[:, None]) / den[:, None]
+                        m, i = _gate_next(g, idx, ((idx < C) & (idx != own))[None, :], cv, ci)
+                        better = (m > bm) | ((m == bm) & (i < bi))
+                        bm = tl.where(better, m, bm)
+                        bi = tl.where(better, i, bi)
+                    take = (~done) & (bm > float("-inf"))
+                    cv = tl.where(take, bm, cv)
+                    ci = tl.where(take, bi, ci)
+                    cum += tl.where(take, bm, 0.0)
+                    done = done | (cum / total >= remain)
+                    step += 1
         else:
-            work = tl.where(cmask[None, :] & ~is_own, s, float("-inf"))
-            for _ in range(TOPK - 1):
-                m = tl.max(work, 1)
-                idx = tl.min(tl.where(work == m[:, None], offs_c[None, :], BLOCK_C), 1)
-                hit = (offs_c[None, :] == idx[:, None]) & (m > float("-inf"))[:, None]
-                sel = sel | hit
-                work = tl.where(hit, float("-inf"), work)
-        sel = sel & cmask[None, :]
-        bitvals = tl.where(sel, 1 << shift[None, :], 0)
-        words = tl.sum(tl.reshape(bitvals, [BLOCK_M, BLOCK_C // 32, 32]), 2)
-        words = tl.where(valid[:, None], words, 0)
-        offs_w = tl.arange(0, BLOCK_C // 32)
-        tl.store(bits_ptr + bh * n_slots * n_words + offs_m[:, None] * n_words + offs_w[None, :], words,
-                 mask=offs_w[None, :] < n_words)
-        sel_i = sel.to(tl.int32)
-        any_acc = tl.maximum(any_acc, tl.max(tl.where(valid[:, None], sel_i, 0), 0))
-        all_acc = tl.minimum(all_acc, tl.min(tl.where(valid[:, None], sel_i, 1), 0))
-    base = (bh * n_tiles + tile) * C
-    tl.store(any_ptr + base + offs_c, any_acc.to(tl.int8), mask=cmask)
-    tl.store(all_ptr + base + offs_c, all_acc.to(tl.int8), mask=cmask)
+            if one_chunk:
+                s = _gate_scores(q_rows, valid, km_ptr, km_base, 0, offs_c, C, D, BLOCK_D, KCH, UPCAST, PREC)
+                cand = ((offs_c < C) & (offs_c != own))[None, :]
+                for _ in range(n_pick):
+                    cv, ci = _gate_next(s, offs_c, cand, cv, ci)
+            else:
+                for _ in range(n_pick):
+                    bm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+                    bi = tl.full([BLOCK_M], 1 << 30, dtype=tl.int32)
+                    for c0 in range(0, C, BLOCK_C):
+                        s = _gate_scores(q_rows, valid, km_ptr, km_base, c0, offs_c, C, D, BLOCK_D, KCH, UPCAST, PREC)
+                        idx = c0 + offs_c
+                        m, i = _gate_next(s, idx, ((idx < C) & (idx != own))[None, :], cv, ci)
+                        better = (m > bm) | ((m == bm) & (i < bi))
+                        bm = tl.where(better, m, bm)
+                        bi = tl.where(better, i, bi)
+                    cv = bm
+                    ci = bi
+        tl.store(cut_rows + offs_m * 3, cv)
+        tl.store(cut_rows + offs_m * 3 + 1, lo)
+        tl.store(cut_rows + offs_m * 3 + 2, den)
+        tl.store(cut_idx_ptr + bh * n_slots + offs_m, ci)
+    tl.debug_barrier()  # pass 2 reads the cuts other threads of this program wrote
+    offs_w = tl.arange(0, BLOCK_C // 32)
+    for c0 in range(0, C, BLOCK_C):
+        idx = c0 + offs_c
+        cm = idx < C
+        any_acc = tl.zeros([BLOCK_C], dtype=tl.int32)
+        all_acc = tl.full([BLOCK_C], 1, dtype=tl.int32)
+        for r in range(0, kblock, BLOCK_M):
+            offs_m = tile * kblock + r + tl.arange(0, BLOCK_M)
+            tok = tl.load(slot_token_ptr + offs_m)
+            valid = tl.load(slot_valid_ptr + offs_m) != 0
+            q_rows = q_ptr + b * stride_qb + (img_off + tok)[:, None] * stride_qs + h * stride_qh
+            s = _gate_scores(q_rows, valid, km_ptr, km_base, c0, offs_c, C, D, BLOCK_D, KCH, UPCAST, PREC)
+            cv = tl.load(cut_rows + offs_m * 3)
+            lo = tl.load(cut_rows + offs_m * 3 + 1)
+            den = tl.load(cut_rows + offs_m * 3 + 2)
+            ci = tl.load(cut_idx_ptr + bh * n_slots + offs_m)
+            g = (s - lo[:, None]) / den[:, None]
+            taken = (g > cv[:, None]) | ((g == cv[:, None]) & (idx[None, :] <= ci[:, None]))
+            sel = cm[None, :] & ((idx == own)[None, :] | taken)
+            bitvals = tl.where(sel, 1 << (offs_c % 32)[None, :], 0)
+            words = tl.sum(tl.reshape(bitvals, [BLOCK_M, BLOCK_C // 32, 32]), 2)
+            words = tl.where(valid[:, None], words, 0)
+            w_idx = c0 // 32 + offs_w
+            tl.store(bits_ptr + bh * n_slots * n_words + offs_m[:, None] * n_words + w_idx[None, :], words,
+                     mask=(w_idx < n_words)[None, :])
+            sel_i = sel.to(tl.int32)
+            any_acc = tl.maximum(any_acc, tl.max(tl.where(valid[:, None], sel_i, 0), 0))
+            all_acc = tl.minimum(all_acc, tl.min(tl.where(valid[:, None], sel_i, 1), 0))
+        base = (bh * n_tiles + tile) * C
+        tl.store(any_ptr + base + idx, any_acc.to(tl.int8), mask=cm)
+        tl.store(all_ptr + base + idx, all_acc.to(tl.int8), mask=cm)
 
 
 def _gate_fused(q, k, geo, part, topk, threshold):
@@ -220,19 +328,26 @@ def _gate_fused(q, k, geo, part, topk, threshold):
     N, C = part.n_tokens, part.n_blocks
     ni, kblock = geo.n_img_kb, layout.block
     img, _ = image_slices(N, layout.text_len, layout.text_first)
-    kmean = gate_means(k[:, img], part).contiguous()  # [B, H, C, D] fp32
+    # the mean keys in q's dtype, as the reference rounds them (moba_select.moba_gate)
+    kmean = gate_means(k[:, img], part).to(q.dtype).contiguous()  # [B, H, C, D]
     words = (C + 31) // 32
     bits = torch.zeros(B, H, layout.num_slots, words, dtype=torch.int32, device=q.device)
     any_sel = torch.empty(B, H, ni, C, dtype=torch.int8, device=q.device)
     all_sel = torch.empty_like(any_sel)
-    block_c = max(32, triton.next_power_of_2(C))
+    cut = torch.empty(B * H, layout.num_slots, 3, dtype=torch.float32, device=q.device)
+    cut_idx = torch.empty(B * H, layout.num_slots, dtype=torch.int32, device=q.device)
+    n_pick = min(int(topk), C) - 1 if threshold is None else 0  # never more steps than other blocks
+    arch = cuda_arch(q.device)
+    cfg = gate_launch(arch, q.dtype, D)
+    block_d = max(16, triton.next_power_of_2(D))
+    # fp32 products run on FMAs, whose operands sit in registers: a head-dim piece of 8 at a time
     _moba_gate_kernel[(ni, B * H)](
-        q, kmean, geo.slot_token, geo.slot_valid.to(torch.int8), geo.kb_mb, bits, any_sel, all_sel,
+        q, kmean, geo.slot_token, geo.slot_valid.to(torch.int8), geo.kb_mb, bits, any_sel, all_sel, cut, cut_idx,
         float(threshold if threshold is not None else 0.0), q.stride(0), q.stride(1), q.stride(2), img.start,
-        H, C, D, layout.num_slots, words, ni,
-        TOPK=int(topk or 1), THRESH=threshold is not None, KBLOCK=kblock, BLOCK_M=min(_GATE_ROWS, kblock),
-        BLOCK_C=block_c, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        **({"num_warps": 4} if q.device.type == "cuda" else {}),
+        H, C, D, layout.num_slots, words, ni, kblock, n_pick,
+        THRESH=threshold is not None, BLOCK_M=cfg.block, BLOCK_C=cfg.sub, BLOCK_D=block_d,
+        KCH=min(block_d, 128) if q.dtype != torch.float32 else min(block_d, 8), UPCAST=arch is None, PREC="ieee",
+        **cfg.options(arch),
     )
     return any_sel.bool(), all_sel.bool(), bits
 
@@ -362,14 +477,47 @@ def _moba_backward(ctx, grads):
 moba_attn_fwd.register_autograd(_moba_backward, setup_context=_moba_setup_context)
 
 
+class _FixedTables(torch.autograd.Function):
+    """Block-sparse attention over given MoBA tables (the non-finite path of :func:`moba_triton`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, tables, args):
+        out, lse = sparse_attn_dyn_fwd(q, k, v, *tables, *args)
+        ctx.save_for_backward(q, k, v, out, lse, *tables)
+        ctx.args = args
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, *tables = ctx.saved_tensors
+        dq, dk, dv = sparse_attn_dyn_bwd(do, q, k, v, o, lse, *tables, *ctx.args)
+        return dq, dk, dv, None, None
+
+
 def moba_triton(q, k, v, grid, block, topk, threshold, selection, text_len, text_first, scale, kblock=None):
     """Mixture of block attention on the Triton core (validated arguments, see ``ops.moba_attention``):
     one custom op (:func:`moba_attn_fwd`), so ``torch.compile(fullgraph=True)`` sees no graph break.
-    ``kblock``: kernel block size (default :func:`kernel_block`)."""
+    ``kblock``: kernel block size (default :func:`kernel_block`).  Non-finite inputs (checked outside
+    ``torch.compile``) take a second pass that keeps them inside the pattern (``nonfinite``'s rule)."""
     grid = tuple(int(g) for g in grid)
     block = tuple(min(int(b), n) for b, n in zip(block, grid))
-    kblock = int(kblock or kernel_block(block, q.device))
+    kblock = int(kblock or kernel_block(block, q))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     ints = [len(grid), *grid, *block, int(text_len), int(bool(text_first)), int(topk or 0),
             _SELECTION_CODES[selection], kblock]
-    return moba_attn_fwd(q, k, v, ints, float(threshold if threshold is not None else -1.0), scale)[0]
+    threshold = float(threshold if threshold is not None else -1.0)
+    if torch.compiler.is_compiling() or all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
+        return moba_attn_fwd(q, k, v, ints, threshold, scale)[0]
+    # non-finite inputs (``nonfinite``'s rule, as the torch backend): select with them (the gate contains
+    # them), attend to cleaned copies over those tables, and mark as NaN the outputs whose selected blocks (or
+    # the text) hold a bad key or value: a second pass over the same tables with zero queries and keys
+    # (uniform weights over every visible key) and values 1 where an input is bad
+    with torch.no_grad():
+        tables, bits = gate_tables(q, k, grid, block, topk, None if topk else threshold, selection, text_len,
+                                   text_first, kblock)
+    args = ("moba", _encode(grid, block, text_len, text_first), [], scale, kblock)
+    out = _FixedTables.apply(clean(q), clean(k), clean(v), (*tables, bits), args)
+    with torch.no_grad():
+        zeros = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        seen, _ = sparse_attn_dyn_fwd(zeros, zeros, nonfinite_marks(k, v), *tables, bits, *args)
+    return nan_rows(out.masked_fill(seen > 0, float("nan")), q)

@@ -17,7 +17,8 @@ from .tiling import _BIG, IMAGE, build_tile_layout
 
 
 def _window_boxes(layout, kernel_size, stride):
-    """Per slot inclusive window bounds [Sp, 3] in group coordinates (pads/text: empty box)."""
+    """Per slot inclusive window bounds [Sp, 3] in group coordinates (pads/text: empty box; axes beyond
+    the grid's: unbounded)."""
     nd = len(layout.grid)
     real = layout.real.to("cpu").long()
     img = layout.flag.to("cpu") == IMAGE
@@ -30,6 +31,9 @@ def _window_boxes(layout, kernel_size, stride):
         st = (start[c] - c % d) // d
         lo[img, a] = st
         hi[img, a] = st + length[c] - 1
+    # axes the grid does not have: unbounded (the kernel tests all three axes)
+    lo[img, nd:] = -_BIG
+    hi[img, nd:] = _BIG
     return lo, hi
 
 

@@ -200,3 +200,20 @@ def test_bad_types():
         linear_attention(q.long(), k, v)
     with pytest.raises(ValueError, match="v must be a torch.Tensor"):
         linear_attention(q, k, v.tolist())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates_like_the_definition(backend):
+    """A NaN query entry makes that query's output NaN, a NaN key entry every output (it enters the
+    shared state), on every backend; other queries stay finite.  (The Triton feature map once turned
+    NaN into a finite value: exp(min(NaN, 0)) = exp(0).)"""
+    q, k, v = _qkv(1, 12, 10, 2, 16, torch.float32)
+    q[0, 3, 1, 5] = float("nan")
+    out = linear_attention(q, k, v, backend=backend)
+    want = torch.zeros_like(out, dtype=torch.bool)
+    want[0, 3, 1] = True
+    assert torch.equal(out.isnan(), want)
+    k[0, 7, 0, 2] = float("nan")
+    out = linear_attention(q, k, v, backend=backend)
+    assert out[:, :, 0].isnan().all()  # head 0's state holds the NaN key
+    assert torch.equal(out[:, :, 1].isnan(), want[:, :, 1])

@@ -335,6 +335,24 @@ def test_fused_gate_kernel_matches_the_torch_selection(grid, block, text_len, te
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("topk,threshold", [(4, None), (None, 0.3)])
+def test_fused_gate_streams_candidates_in_chunks(topk, threshold, monkeypatch):
+    """More MoBA blocks than the gate kernel's chunk of candidates (32 here): the selection is computed
+    chunk by chunk and still equals the torch selection."""
+    from diffaccel.kernels import moba_triton
+    from diffaccel.kernels.launch import Launch
+
+    monkeypatch.setattr(moba_triton, "gate_launch", lambda arch, dtype, head_dim: Launch(16, 32))
+    grid, block = (2, 20), (1, 1)  # 40 blocks of one token
+    q, k, _ = _qkv(1, 40, 1, 16, seed=12)
+    part = block_partition(grid, block)
+    geo = moba_geometry(grid, block, 0, True, 16, "cpu")
+    want = moba_tables(q, k, geo, part, topk, threshold, "query", fused=False)
+    got = moba_tables(q, k, geo, part, topk, threshold, "query", fused=True)
+    for name, a, b in zip(("visit", "full", "bits"), got, want):
+        assert torch.equal(a, b), name
+
+
 def test_pack_bits():
     sel = torch.rand(3, 70) < 0.5
     words = pack_bits(sel)
@@ -407,3 +425,27 @@ def test_error_on_grid():
     q, k, v = _qkv(1, 20, 1, 8)
     with pytest.raises(ValueError, match="grid must have"):
         ops.moba_attention(q, k, v, (1, 4, 5, 1), 2, topk=2)
+
+
+def test_triton_gate_caps_topk_at_the_number_of_blocks():
+    """topk far beyond the number of blocks (here 10**9 on 4) returns at once (the gate kernel once
+    looped topk - 1 times) and keeps every block, as the torch backend does."""
+    import signal
+
+    grid, block = (8, 8), (4, 4)
+    q, k, v = _qkv(1, 64, 2, 16, seed=11)
+
+    def timeout(*_):
+        raise TimeoutError("the Triton gate did not return within 60 s for topk=10**9")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(60)
+    try:
+        out = ops.moba_attention(q, k, v, grid, block, topk=10 ** 9, backend="triton")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    want = ops.moba_attention(q, k, v, grid, block, topk=10 ** 9, backend="torch")
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
+    dense = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+    torch.testing.assert_close(out, dense.transpose(1, 2), atol=2e-5, rtol=1e-4)

@@ -214,7 +214,7 @@ def _bench_gate(case, q, k):
     grid, block, topk, threshold, selection = ops.moba_params(case.grid, p["block"], p.get("topk"),
                                                                p.get("threshold"), p.get("selection", "query"))
     return gate_tables(q, k, grid, block, topk, threshold, selection, case.text_len, True,
-                       kernel_block(block, q.device))
+                       kernel_block(block, q))
 
 
 register_method(

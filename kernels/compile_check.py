@@ -45,7 +45,6 @@ import torch
 
 from . import launch
 
-KERNEL_MODULES = ("blocksparse", "linear_attention", "moba_triton")
 FORWARD_KERNELS = ("_bs_fwd_kernel", "_state_kernel", "_output_kernel", "_moba_gate_kernel")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 HEAD_DIMS = (64, 128, 256)

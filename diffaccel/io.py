@@ -61,8 +61,10 @@ def atomic_path(path):
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         yield tmp
+        # mkstemp makes 0600, and writers that replace the file themselves (safetensors >= 0.8) do too:
+        # give the result the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:

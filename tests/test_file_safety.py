@@ -220,3 +220,22 @@ def test_train_small_refuses_bad_checkpoints(tmp_path, monkeypatch, damage):
         _train(tmp_path / "out", work, ("resume", True))
     assert not (tmp_path / "PWNED").exists()
     assert not (tmp_path / "out").exists()
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    """Files written through atomic_path end with 0666 & ~umask, also when the writer replaces the temporary file
+    itself (safetensors' save_file makes 0600 files)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from diffaccel.io import atomic_path, atomic_write_json
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "w.safetensors") as tmp:
+            save_file({"a": torch.zeros(2)}, tmp)
+        atomic_write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    for name in ("w.safetensors", "x.json"):
+        assert oct(os.stat(tmp_path / name).st_mode & 0o777) == oct(0o644), name

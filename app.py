@@ -91,7 +91,8 @@ def shipped_weights(model: str, method: str) -> str | None:
 
 def suggested_options(model: str, pipe, method: str) -> dict:
     """Option values to start from: the evaluation's first setting of ``method`` for this model (sized on its
-    native token grid), and the shipped distilled weights where they exist."""
+    native token grid), and the shipped distilled weights where they exist (with the setting they were
+    trained for)."""
     if method == "dense":
         return {}
     try:
@@ -102,7 +103,12 @@ def suggested_options(model: str, pipe, method: str) -> dict:
         out = {}
     weights = shipped_weights(model, method)
     if weights is not None and "weights" in {f.name for f in dataclasses.fields(options_class(method))}:
-        out["weights"] = weights
+        from diffaccel.pipelines.small.evaluate import distilled_settings
+
+        # a student trained by `diffaccel distill` starts from the setting it was trained for (its training.json)
+        student = next((st for st in distilled_settings(pipe)
+                        if st.method == method and st.options.get("weights") == weights), None)
+        out = dict(student.options) if student is not None else {**out, "weights": weights}
     return out
 
 

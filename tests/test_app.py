@@ -68,13 +68,18 @@ def test_parse_options_types_defaults_and_required():
 
 def test_shipped_weights_are_the_default_where_they_exist():
     assert app.shipped_weights("small-unet", "linfusion") == "small-unet-linfusion"
-    assert app.shipped_weights("small-flux", "clear") is None
+    assert app.shipped_weights("small-flux", "clear") == "small-flux-clear"
+    assert app.shipped_weights("small-flux", "moba") is None
     methods, native, video, frames, values = app.model_settings("small-unet")
     assert "clear" not in methods and "linfusion" in methods and native == (32, 32) and not video
     assert values["linfusion"]["weights"] == "small-unet-linfusion"
     assert values["neighborhood"]["kernel_size"] == "9"  # the small model's evaluated setting
+    methods, native, video, frames, values = app.model_settings("small-flux")
+    assert values["clear"]["weights"] == "small-flux-clear" and values["clear"]["radius"] == 8  # its training
     methods, native, video, frames, values = app.model_settings("small-wan")
     assert video and frames == 4 and "clear" not in methods
+    assert values["neighborhood"]["weights"] == "small-wan-neighborhood"
+    assert values["neighborhood"]["kernel_size"] == "(4, 5, 5)"
 
 
 # ------------------------------------------------------------------------------ refused before any work

@@ -175,11 +175,20 @@ def _dtype_of(pointers):
     return "fp32"
 
 
+def _portable_options(options):
+    """The compile options without what depends on where Triton is installed (libdevice's path: its file name
+    stays), so that keys agree between checkouts and virtual environments."""
+    out = dict(options)
+    if out.get("extern_libs"):
+        out["extern_libs"] = [[name, os.path.basename(str(path))] for name, path in out["extern_libs"]]
+    return out
+
+
 def _job_key(fn, job):
     import triton
 
     payload = [_module_sources(fn), job["kernel"], job["arch"], job["signature"], job["constexprs"], job["attrs"],
-               job["options"], triton.__version__]
+               _portable_options(job["options"]), triton.__version__]
     return hashlib.sha256(json.dumps(_jsonable(payload), sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -95,3 +95,18 @@ def test_summary_table_has_a_row_per_kernel_and_architecture():
     table = compile_check.markdown_table(stored)
     assert table.count("\n") == 1 + len(KERNELS) * len(launch.ARCHES)
     assert "| `_bs_fwd_kernel` | sm_90 |" in table
+
+
+def test_keys_do_not_depend_on_where_triton_is_installed():
+    """The stored report is checked in other checkouts and virtual environments (CI's): libdevice's path in the
+    compile options must not change a configuration's key."""
+    import types
+
+    _bs_fwd_kernel = types.SimpleNamespace(__globals__={})  # no Triton functions around: the key's other parts
+    job = dict(kernel="_bs_fwd_kernel", arch=90, signature={}, constexprs=[], attrs=[],
+               options={"num_warps": 8, "extern_libs": (("libdevice", "/a/venv/triton/lib/libdevice.10.bc"),)})
+    moved = dict(job, options=dict(job["options"], extern_libs=(("libdevice", "/b/lib/libdevice.10.bc"),)))
+    other = dict(job, options=dict(job["options"], num_warps=4))
+    key = compile_check._job_key(_bs_fwd_kernel, job)
+    assert compile_check._job_key(_bs_fwd_kernel, moved) == key
+    assert compile_check._job_key(_bs_fwd_kernel, other) != key

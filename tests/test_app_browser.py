@@ -99,8 +99,11 @@ def test_generate_pattern_error_and_recovery_in_chromium(server, artifacts):
 
             # 1. a method and its options, Generate: both images, the report and the pattern picture
             _choose(page, "method", "clear")
-            expect(page.locator("#opt-clear-radius input")).to_have_value("8")  # the model's default
+            expect(page.locator("#opt-clear-radius input")).to_have_value("8")  # the shipped student's setting
+            weights = page.locator("#opt-clear-weights textarea, #opt-clear-weights input").first
+            expect(weights).to_have_value("small-flux-clear")
             page.locator("#opt-clear-radius input").fill("4")
+            weights.fill("")  # its weights are for radius 8: the undistilled projections for radius 4
             _tiny(page)
             page.click("#generate")
             for sel in ("#dense-out img", "#method-out img", "#pattern img"):

@@ -400,8 +400,7 @@ def native_grid(pipe) -> tuple:
 def default_settings(pipe) -> list[Setting]:
     """The method settings evaluated by default for a small pipeline (``dense`` excluded): each registered method
     supporting the model's family at its ``default_settings`` sized on the native token grid (16 x 16 image tokens;
-    video ``T x g x g``), plus the shipped distilled LinFusion weights where they exist and the
-    shipped students of ``diffaccel distill`` (:func:`distilled_settings`)."""
+    video ``T x g x g``), plus the shipped students of ``diffaccel distill`` (:func:`distilled_settings`)."""
     from diffaccel.registry import methods
 
     fam = _family(pipe)
@@ -411,11 +410,6 @@ def default_settings(pipe) -> list[Setting]:
         if fam not in m.families or m.default_settings is None:
             continue
         s += [Setting(m.name, dict(o)) for o in m.default_settings(grid)]
-        if m.name == "linfusion":  # the distilled layers shipped with the small UNet
-            from .pipeline import MODELS_DIR
-
-            if os.path.isfile(os.path.join(MODELS_DIR, "small-unet-linfusion", "config.json")):
-                s += [Setting("linfusion", dict(weights="small-unet-linfusion"))]
     return s + distilled_settings(pipe)
 
 

@@ -78,3 +78,16 @@ def scaled_rope(model, factor, classes, attr="pos_embed", extra=()):
         raise ValueError(f"NTK-scaled RoPE needs the model's {' or '.join(classes)}, found {type(old).__name__}")
     kwargs = {name: getattr(old, name) for name in extra}
     return attr, type(old)(theta=old.theta * factor, axes_dim=list(old.axes_dim), **kwargs)
+
+
+def attention_named(*leaves, blocks=None, self_only=False):
+    """An ``is_self_attention`` predicate: attention modules whose last name part is one of ``leaves``, inside
+    one of the top-level ``blocks`` (any when ``None``); ``self_only`` skips modules marked
+    ``is_cross_attention``."""
+
+    def predicate(name, module):
+        return (name.rsplit(".", 1)[-1] in leaves
+                and (blocks is None or name.split(".", 1)[0] in blocks)
+                and not (self_only and getattr(module, "is_cross_attention", False)))
+
+    return predicate

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 from . import Family
+from ._common import attention_named
 from .flux import FluxProcessor, flux_rope, ids_layout
 
 __all__ = ["FAMILY"]
@@ -30,9 +31,7 @@ FAMILY = Family(
     model_classes=("ChromaTransformer2DModel",),
     grid_ndim=2,
     processors={"FluxAttnProcessor": FluxProcessor},
-    is_self_attention=lambda name, module: (name.rsplit(".", 1)[-1] == "attn"
-                                            and name.split(".", 1)[0] in ("transformer_blocks",
-                                                                          "single_transformer_blocks")),
+    is_self_attention=attention_named("attn", blocks=("transformer_blocks", "single_transformer_blocks")),
     layout=layout,
     native_tokens=64 * 64 + 512,
     scaled_rope=flux_rope,

@@ -15,7 +15,7 @@ import torch
 from ..layout import Layout, LayoutError
 from ..processors import PatternProcessor, no_mask, qkv_heads_first
 from . import Family
-from ._common import tokens
+from ._common import attention_named, tokens
 
 __all__ = ["FAMILY", "CogVideoXProcessor"]
 
@@ -78,8 +78,7 @@ FAMILY = Family(
     model_classes=("CogVideoXTransformer3DModel",),
     grid_ndim=3,
     processors={"CogVideoXAttnProcessor2_0": CogVideoXProcessor},
-    is_self_attention=lambda name, module: (name.rsplit(".", 1)[-1] == "attn1"
-                                            and not getattr(module, "is_cross_attention", False)),
+    is_self_attention=attention_named("attn1", self_only=True),
     layout=layout,
     notes="`attn1` ([text; video]), 1.0 and 1.5",
 )

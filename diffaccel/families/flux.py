@@ -15,7 +15,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from ..layout import Layout, LayoutError, Split
 from ..processors import StockProcessor
 from . import Family
-from ._common import image_grid_from_ids, scaled_rope, tokens
+from ._common import attention_named, image_grid_from_ids, scaled_rope, tokens
 
 __all__ = ["FAMILY", "FluxProcessor", "ids_layout", "flux_rope"]
 
@@ -55,7 +55,7 @@ FAMILY = Family(
     model_classes=("FluxTransformer2DModel",),
     grid_ndim=2,
     processors={"FluxAttnProcessor": FluxProcessor},
-    is_self_attention=lambda name, module: name.rsplit(".", 1)[-1] == "attn",
+    is_self_attention=attention_named("attn"),
     layout=layout,
     native_tokens=64 * 64 + 512,  # 1024 x 1024 and 512 T5 tokens
     scaled_rope=flux_rope,

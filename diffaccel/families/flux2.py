@@ -17,7 +17,7 @@ from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, 
 
 from ..processors import StockProcessor
 from . import Family
-from ._common import scaled_rope
+from ._common import attention_named, scaled_rope
 from .flux import ids_layout
 
 __all__ = ["FAMILY", "Flux2Processor", "Flux2SingleProcessor"]
@@ -50,9 +50,7 @@ FAMILY = Family(
     model_classes=("Flux2Transformer2DModel",),
     grid_ndim=2,
     processors={"Flux2AttnProcessor": Flux2Processor, "Flux2ParallelSelfAttnProcessor": Flux2SingleProcessor},
-    is_self_attention=lambda name, module: (name.rsplit(".", 1)[-1] == "attn"
-                                            and name.split(".", 1)[0] in ("transformer_blocks",
-                                                                          "single_transformer_blocks")),
+    is_self_attention=attention_named("attn", blocks=("transformer_blocks", "single_transformer_blocks")),
     layout=layout,
     native_tokens=64 * 64 + 512,
     scaled_rope=lambda model, factor: scaled_rope(model, factor, ("Flux2PosEmbed",)),

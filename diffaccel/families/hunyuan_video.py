@@ -17,7 +17,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideo
 from ..layout import Layout, Split
 from ..processors import StockProcessor
 from . import Family
-from ._common import tokens, video_grid
+from ._common import attention_named, tokens, video_grid
 
 __all__ = ["FAMILY", "HunyuanVideoProcessor"]
 
@@ -52,9 +52,7 @@ FAMILY = Family(
     model_classes=("HunyuanVideoTransformer3DModel",),
     grid_ndim=3,
     processors={"HunyuanVideoAttnProcessor2_0": HunyuanVideoProcessor},
-    is_self_attention=lambda name, module: (name.rsplit(".", 1)[-1] == "attn"
-                                            and name.split(".", 1)[0] in ("transformer_blocks",
-                                                                          "single_transformer_blocks")),
+    is_self_attention=attention_named("attn", blocks=("transformer_blocks", "single_transformer_blocks")),
     layout=layout,
     notes="dual + single stream ([video; text], padded text honoured; token refiner untouched)",
 )

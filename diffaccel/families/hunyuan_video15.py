@@ -18,7 +18,7 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVid
 from ..layout import Layout, Split
 from ..processors import StockProcessor
 from . import Family
-from ._common import video_grid
+from ._common import attention_named, video_grid
 
 __all__ = ["FAMILY", "HunyuanVideo15Processor"]
 
@@ -43,8 +43,7 @@ FAMILY = Family(
     model_classes=("HunyuanVideo15Transformer3DModel",),
     grid_ndim=3,
     processors={"HunyuanVideo15AttnProcessor2_0": HunyuanVideo15Processor},
-    is_self_attention=lambda name, module: (name.rsplit(".", 1)[-1] == "attn"
-                                            and name.split(".", 1)[0] == "transformer_blocks"),
+    is_self_attention=attention_named("attn", blocks=("transformer_blocks",)),
     layout=layout,
     notes="[video; text] (padded text honoured; token refiner untouched)",
 )

@@ -18,6 +18,7 @@ from diffusers.models.transformers.transformer_ltx2 import LTX2AudioVideoAttnPro
 from ..layout import Layout, LayoutError, Split
 from ..processors import StockProcessor
 from . import Family
+from ._common import attention_named
 
 __all__ = ["FAMILY", "LTX2Processor", "LTX2PerturbedProcessor"]
 
@@ -60,8 +61,7 @@ FAMILY = Family(
     model_classes=("LTX2VideoTransformer3DModel",),
     grid_ndim=3,
     processors={"LTX2AudioVideoAttnProcessor": LTX2Processor, "LTX2PerturbedAttnProcessor": LTX2PerturbedProcessor},
-    is_self_attention=lambda name, module: (name.rsplit(".", 1)[-1] == "attn1"
-                                            and name.split(".", 1)[0] == "transformer_blocks"),
+    is_self_attention=attention_named("attn1", blocks=("transformer_blocks",)),
     layout=layout,
     notes="video `attn1` (audio and cross-attention untouched)",
 )

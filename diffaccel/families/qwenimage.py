@@ -17,7 +17,7 @@ from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStream
 from ..layout import Layout, LayoutError, Split
 from ..processors import StockProcessor
 from . import Family
-from ._common import scaled_rope, tokens
+from ._common import attention_named, scaled_rope, tokens
 
 __all__ = ["FAMILY", "QwenImageProcessor"]
 
@@ -61,7 +61,7 @@ FAMILY = Family(
     model_classes=("QwenImageTransformer2DModel",),
     grid_ndim=2,
     processors={"QwenDoubleStreamAttnProcessor2_0": QwenImageProcessor},
-    is_self_attention=lambda name, module: name.rsplit(".", 1)[-1] == "attn",
+    is_self_attention=attention_named("attn"),
     layout=layout,
     scaled_rope=lambda model, factor: scaled_rope(model, factor, ("QwenEmbedRope",), extra=("scale_rope",)),
     notes="joint `attn`; Edit condition images as global tokens; padded text honoured",

@@ -23,6 +23,7 @@ from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21Att
 from ..layout import Layout, LayoutError, Split
 from ..processors import StockProcessor
 from . import Family
+from ._common import attention_named
 from .qwenimage import target_shape
 
 __all__ = ["FAMILY", "QwenImage21Processor"]
@@ -58,7 +59,7 @@ FAMILY = Family(
     model_classes=("QwenImage21Transformer2DModel",),
     grid_ndim=2,
     processors={"QwenImage21AttnProcessor": QwenImage21Processor},
-    is_self_attention=lambda name, module: name.rsplit(".", 1)[-1] == "attn",
+    is_self_attention=attention_named("attn"),
     layout=layout,
     notes="target-image rows (prefill and KV-cached decode); block-causal prefix untouched",
 )

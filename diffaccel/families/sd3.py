@@ -14,7 +14,7 @@ import torch
 from ..layout import Layout, LayoutError
 from ..processors import PatternProcessor, no_mask, qkv_heads_first
 from . import Family
-from ._common import patch_sizes, tokens
+from ._common import attention_named, patch_sizes, tokens
 
 __all__ = ["FAMILY", "SD3Processor"]
 
@@ -83,7 +83,7 @@ FAMILY = Family(
     model_classes=("SD3Transformer2DModel",),
     grid_ndim=2,
     processors={"JointAttnProcessor2_0": SD3Processor},
-    is_self_attention=lambda name, module: name.rsplit(".", 1)[-1] in ("attn", "attn2"),
+    is_self_attention=attention_named("attn", "attn2"),
     layout=layout,
     native_tokens=64 * 64 + 333,  # 1024 x 1024 and 77 CLIP + 256 T5 tokens
     notes="joint `attn` + SD3.5 `attn2`",

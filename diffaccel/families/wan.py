@@ -17,7 +17,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from ..layout import Layout, Split
 from ..processors import StockProcessor
 from . import Family
-from ._common import patch_sizes, video_grid
+from ._common import attention_named, patch_sizes, video_grid
 
 __all__ = ["FAMILY", "WanProcessor"]
 
@@ -40,8 +40,7 @@ FAMILY = Family(
     model_classes=("WanTransformer3DModel",),
     grid_ndim=3,
     processors={"WanAttnProcessor": WanProcessor},
-    is_self_attention=lambda name, module: (name.rsplit(".", 1)[-1] == "attn1"
-                                            and not getattr(module, "is_cross_attention", False)),
+    is_self_attention=attention_named("attn1", self_only=True),
     layout=layout,
     notes="`attn1`; 2.1, 2.2 (both experts), TI2V-5B",
 )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .moba_select import block_partition, image_slices, select_blocks
-from .nonfinite import clean, nan_rows, nonfinite_marks
+from .nonfinite import clean, nan_rows, nonfinite_marks, unchecked_or_finite
 from .workspace import clear_workspace, scratch  # noqa: F401  (clear_workspace: public here too)
 
 # elements of the largest intermediate (attention scores of one chunk of heads)
@@ -157,7 +157,7 @@ def moba_torch(q, k, v, grid, block, topk, threshold, selection, text_len, text_
     # non-finite inputs: select with them (the gate contains them), attend to cleaned copies, and mark as
     # NaN the outputs whose selected blocks (or the text) hold a bad key / value, and bad queries' rows
     q_in, marks = q, None
-    if not torch.compiler.is_compiling() and not all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
+    if not unchecked_or_finite(q, k, v):
         marks = nonfinite_marks(k, v)
     q_sel, k_sel = q[:, img], k[:, img]
     if marks is not None:

@@ -33,7 +33,7 @@ from .blocksparse import (MODE_SELECT, BlockPlan, dynamic_tables, register_plann
                           sparse_attn_dyn_fwd)
 from .launch import attention_block, cuda_arch, gate_launch
 from .moba_select import block_partition, gate_means, image_slices, select_blocks
-from .nonfinite import clean, nan_rows, nonfinite_marks
+from .nonfinite import clean, nan_rows, nonfinite_marks, unchecked_or_finite
 from .tiling import _BIG, IMAGE, PAD, TEXT, TileLayout
 
 # elements of the per-query selection [B, heads, N, n_blocks] handled at once
@@ -506,7 +506,7 @@ def moba_triton(q, k, v, grid, block, topk, threshold, selection, text_len, text
     ints = [len(grid), *grid, *block, int(text_len), int(bool(text_first)), int(topk or 0),
             _SELECTION_CODES[selection], kblock]
     threshold = float(threshold if threshold is not None else -1.0)
-    if torch.compiler.is_compiling() or all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
+    if unchecked_or_finite(q, k, v):
         return moba_attn_fwd(q, k, v, ints, threshold, scale)[0]
     # non-finite inputs (``nonfinite``'s rule, as the torch backend): select with them (the gate contains
     # them), attend to cleaned copies over those tables, and mark as NaN the outputs whose selected blocks (or

@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["clean", "contain_nonfinite", "nan_rows", "nonfinite_marks"]
+__all__ = ["clean", "contain_nonfinite", "nan_rows", "nonfinite_marks", "unchecked_or_finite"]
 
 
-def _finite(tensors):
-    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+def unchecked_or_finite(*tensors):
+    """Whether the fast path applies: under ``torch.compile`` (no data-dependent check there), or every given
+    tensor (``None`` skipped) is finite, read with one host synchronisation."""
+    if torch.compiler.is_compiling():
+        return True
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return not flags or bool(torch.stack(flags).all())
 
 
 def clean(t):
@@ -53,7 +58,7 @@ def contain_nonfinite(attend, q, k, v, kx=None, vx=None):
     """``attend(q, k, v, kx, vx)`` (any backend of one fixed pattern; ``kx``/``vx``: extra keys such as
     pooled tokens, or None) with non-finite keys / values reaching only the queries that see them, and
     non-finite queries giving NaN rows."""
-    if torch.compiler.is_compiling() or _finite((q, k, v, kx, vx)):
+    if unchecked_or_finite(q, k, v, kx, vx):
         return attend(q, k, v, kx, vx)
     out = attend(clean(q), clean(k), clean(v), clean(kx), clean(vx))
     with torch.no_grad():

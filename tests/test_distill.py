@@ -1,6 +1,7 @@
 """`diffaccel distill`: teacher = the unpatched model sharing every frozen weight, training shrinks the
 student-teacher gap (LinFusion on a tiny real StableDiffusionPipeline, CLEAR on a tiny real FluxPipeline), exact
 resume after kill -9 (during training and during a checkpoint save), a 2-process `accelerate launch --cpu` run,
+FSDP (2 processes, exact resume, checkpoints interchangeable with DDP),
 both data recipes, the `weights=` option of neighborhood / MoBA, the accelerate config files, and every bad input
 refused before any file is written."""
 from __future__ import annotations
@@ -294,25 +295,84 @@ def test_kill_9_during_training_and_during_a_save_then_resume_is_exact(tmp_path)
     assert not any(n.startswith(".checkpoint-") for n in os.listdir(run / "checkpoints"))
 
 
-def test_two_process_accelerate_launch_writes_loadable_weights(sd_dir, tmp_path):
-    out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    # accelerate's own --cpu flag starts a single process; --multi_gpu starts torchrun's processes, which use gloo
-    # on the CPU (the script's --cpu)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffaccel.distill",
-           "--cpu", "--method", "linfusion", "--model", sd_dir, "--output", str(out), "--num-samples", "4",
-           "--generation-steps", "2", "--shard-size", "2", "--batch-size", "2", "--max-steps", "3",
-           "--checkpoint-every", "2", *QUIET]
-    r = subprocess.run(cmd, env=env, cwd=REPO, timeout=600, capture_output=True, text=True)
+def _launch(launcher, argv, env_extra=None, mixed_precision="no"):
+    """``accelerate launch`` on 2 CPU processes; ``launcher``: (its options, the program)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env_extra or {}))
+    options, program = launcher
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *options, "--num_processes", "2", "--num_machines",
+           "1", "--dynamo_backend", "no", "--mixed_precision", mixed_precision, *program, *argv]
+    return subprocess.run(cmd, env=env, cwd=REPO, timeout=600, capture_output=True, text=True)
+
+
+# accelerate on a CPU machine falls back from FSDP to gloo data parallelism; tests/fsdp_on_cpu.py keeps it on FSDP
+# (accelerate's own FSDP2 preparation, PyTorch's fully_shard over gloo)
+FSDP = (["--config_file", os.path.join(REPO, "configs", "accelerate", "fsdp.yaml")], ["tests/fsdp_on_cpu.py"])
+DDP = (["--multi_gpu"], ["-m", "diffaccel.distill"])
+
+
+def test_fsdp_two_processes_train_like_ddp_and_resume_exactly_after_kill_9(flux_dir, tmp_path):
+    """CLEAR (pooled tokens) on a tiny FluxPipeline with EMA, 2 processes (gloo), 6 steps, checkpoints every 2: a
+    run under FSDP (the shipped config) killed with SIGKILL after step 3, resumed under DDP and killed after step 5,
+    resumed under FSDP to the end, has the same weights as an uninterrupted DDP run (checkpoints are gathered whole
+    and sharded again, so they move between strategies)."""
+    common = ["--cpu", "--method", "clear", "--option", "radius=2", "--option", "down_factor=2", "--model", flux_dir,
+              "--num-samples", "4", "--generation-steps", "2", "--shard-size", "2", "--batch-size", "2",
+              "--max-steps", "6", "--checkpoint-every", "2", "--ema-decay", "0.9", "--data-dir",
+              str(tmp_path / "data"), *QUIET]
+    ref, run = tmp_path / "ddp", tmp_path / "mixed"
+    r = _launch(DDP, common + ["--output", str(ref)])
     assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((ref / "training.json").read_text())["processes"] == 2
+    for launcher, resume, kill, latest in ((FSDP, [], "step:3", 2), (DDP, ["--resume", "latest"], "step:5", 4)):
+        r = _launch(launcher, common + ["--output", str(run), *resume], {"DIFFACCEL_DISTILL_KILL_AT": kill})
+        assert r.returncode != 0 and json.loads((run / "checkpoints" / "latest").read_text())["step"] == latest
+        if launcher is FSDP:
+            assert "(FSDP); sharded with FSDP2: DTensor" in r.stdout + r.stderr, r.stderr[-3000:]
+    r = _launch(FSDP, common + ["--output", str(run), "--resume", "latest"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    want = load_file(str(ref / "clear_local_2_down_2.safetensors"))
+    got = load_file(str(run / "clear_local_2_down_2.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert [r_["end_step"] for r_ in json.loads((run / "training.json").read_text())["runs"]] == [2, 4, 6]
+    pipe = _load(flux_dir)
+    diffaccel.apply(pipe, "clear", radius=2, down_factor=2, weights=str(run))
+    lat = pipe("a red cat", height=128, width=128, num_inference_steps=2, output_type="latent",
+               generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(lat).all()
+
+
+def test_fsdp_bf16_linfusion_module_swap_with_prodigy(sd_dir, tmp_path):
+    """The module-swapping method (LinFusion) under FSDP with bf16 mixed precision and Prodigy; a UNet whose
+    ``_no_split_modules`` lists blocks it lacks (accelerate would refuse it) is wrapped at the blocks it has."""
+    out = tmp_path / "run"
+    r = _launch(FSDP, ["--cpu", "--method", "linfusion", "--model", sd_dir, "--output", str(out), "--num-samples", "4",
+                 "--generation-steps", "2", "--shard-size", "2", "--batch-size", "2", "--max-steps", "3",
+                 "--optimizer", "prodigy", "--lr", "1", *QUIET], mixed_precision="bf16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(FSDP); sharded with FSDP2: DTensor" in r.stdout + r.stderr
     info = json.loads((out / "training.json").read_text())
-    assert info["processes"] == 2 and info["steps"] == 3
+    assert info["processes"] == 2 and info["steps"] == 3 and info["mixed_precision"] == "bf16"
+    weights = _weights(out)
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())
     pipe = _load(sd_dir)
     diffaccel.apply(pipe, "linfusion", weights=str(out))
     lat = pipe("a red cat", height=16, width=16, num_inference_steps=2, output_type="latent",
                generator=torch.Generator().manual_seed(0)).images
     assert torch.isfinite(lat).all()
+
+
+def test_fsdp_version_1_and_fsdp_activation_checkpointing_are_refused():
+    from types import SimpleNamespace
+
+    from diffaccel.distill.trainer import _check_fsdp
+
+    _check_fsdp(SimpleNamespace(fsdp_version=2, activation_checkpointing=False))
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        _check_fsdp(SimpleNamespace(fsdp_version=1, activation_checkpointing=False))
+    with pytest.raises(ValueError, match="--gradient-checkpointing"):
+        _check_fsdp(SimpleNamespace(fsdp_version=2, activation_checkpointing=True))
 
 
 # ----------------------------------------------------------------------------------------- weights=
@@ -357,7 +417,8 @@ def test_projection_weights_load_and_remove_restores(method, options, tmp_path):
 def test_accelerate_configs_parse_and_name_their_distributed_type():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    want = {"single_gpu.yaml": "NO", "multi_gpu.yaml": "MULTI_GPU", "deepspeed_zero2.yaml": "DEEPSPEED"}
+    want = {"single_gpu.yaml": "NO", "multi_gpu.yaml": "MULTI_GPU", "deepspeed_zero2.yaml": "DEEPSPEED",
+            "fsdp.yaml": "FSDP"}
     folder = os.path.join(REPO, "configs", "accelerate")
     assert sorted(os.listdir(folder)) == sorted(want)
     for name, kind in want.items():
@@ -365,6 +426,8 @@ def test_accelerate_configs_parse_and_name_their_distributed_type():
         assert str(cfg.distributed_type).split(".")[-1] == kind, name
     ds = load_config_from_file(os.path.join(folder, "deepspeed_zero2.yaml"))
     assert ds.deepspeed_config["zero_stage"] == 2
+    fsdp = load_config_from_file(os.path.join(folder, "fsdp.yaml"))
+    assert fsdp.fsdp_config["fsdp_version"] == 2 and not fsdp.fsdp_config["fsdp_activation_checkpointing"]
 
 
 # ----------------------------------------------------------------------------------------- bad input

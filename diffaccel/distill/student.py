@@ -11,7 +11,11 @@ student's, and :meth:`Student.teacher` swaps them in for one forward pass:
   (stashed beside them as ``_diffaccel_teacher_<attr>``).
 
 Swapping modules (not parameter values) leaves the student's parameters, their gradients and the optimiser
-untouched, and works the same on one device and under DDP / DeepSpeed ZeRO-2.
+untouched, and works the same on one device and under DDP / DeepSpeed ZeRO-2 / FSDP2.  Under FSDP2 every module
+of a block, the stashed copies included, stays in the block's shard group: the swap only changes which module the
+attention layer calls, and FSDP all-gathers the group's parameters (sharded ``DTensor``\ s) whichever is called.
+FSDP2 replaces the parameter objects, so :meth:`Student.rebind` re-reads them after ``accelerator.prepare``;
+:meth:`Student.trained_state` gathers full tensors and :meth:`Student.load_trained` shards them back.
 
 What trains (:func:`trainable_parameters`): LinFusion's modules (projections and MLP branches; the norms shared
 with the teacher stay frozen); CLEAR's image-stream ``to_q`` / ``to_k`` / ``to_v`` / ``to_out.0`` (+ the pooled
@@ -28,7 +32,7 @@ import torch
 from ..families import detect_family, select_layers
 from ..registry import build_options, get_method
 
-__all__ = ["TRAINABLE_METHODS", "Student", "trainable_parameters", "check_method"]
+__all__ = ["TRAINABLE_METHODS", "Student", "trainable_parameters", "check_method", "full_tensor", "like_param"]
 
 TRAINABLE_METHODS = ("linfusion", "clear", "neighborhood", "moba")
 _PROJ = ("to_q", "to_k", "to_v", "to_out_0")
@@ -48,6 +52,26 @@ def _set_proj(attn, key, module):
         attn.to_out[0] = module
     else:
         setattr(attn, key, module)
+
+
+def full_tensor(t):
+    """``t`` whole: an FSDP2-sharded ``DTensor`` is gathered (a collective: every process calls it in the same
+    order); a plain tensor is returned as is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like_param(value, param):
+    """``value`` (a whole tensor) laid out like ``param``: sharded the same way when ``param`` is a ``DTensor``,
+    on its device and in its dtype."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    value = value.to(device=param.device if not isinstance(param, DTensor) else param.to_local().device,
+                     dtype=param.dtype)
+    if isinstance(param, DTensor):
+        return distribute_tensor(value, param.device_mesh, param.placements)
+    return value
 
 
 def check_method(method: str, family: str, options: dict):
@@ -214,9 +238,16 @@ class Student:
                 out += list(getattr(self.model.get_submodule(n), _STASH).parameters())
         return out
 
+    def rebind(self):
+        """Re-read the trained parameters from the model (FSDP2's ``fully_shard`` replaces parameter objects by
+        sharded ones); returns them in the order of :attr:`trained`."""
+        self.trained = {k: self.model.get_parameter(k) for k in self.trained}
+        return list(self.trained.values())
+
     def trained_state(self) -> dict:
-        """CPU fp32 copies of the trained parameters, by name."""
-        return {k: p.detach().to("cpu", torch.float32).clone() for k, p in self.trained.items()}
+        """CPU fp32 copies of the trained parameters, by name (whole tensors: sharded ones are gathered, so under
+        FSDP every process calls this)."""
+        return {k: full_tensor(p.detach()).to("cpu", torch.float32).clone() for k, p in self.trained.items()}
 
     def load_trained(self, state: dict, where: str):
         missing = sorted(set(self.trained) - set(state))
@@ -227,7 +258,7 @@ class Student:
                              f"unexpected {unexpected[:4]}, shape mismatches {bad[:4]})")
         with torch.no_grad():
             for k, p in self.trained.items():
-                p.copy_(state[k])
+                p.copy_(like_param(state[k], p))
 
     # ------------------------------------------------------------------ export
 

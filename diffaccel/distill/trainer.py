@@ -19,8 +19,15 @@ Checkpoints (single process and DDP) hold the trained parameters, the optimiser 
 safetensors + JSON (``save_tree``): nothing is pickled.  Under DeepSpeed ZeRO-2 the engine's sharded optimiser
 state is saved with ``accelerator.save_state`` beside the same safetensors + JSON state and read back with
 ``load_state(load_kwargs={"weights_only": True})``: accelerate's own files are then read with
-``torch.load(weights_only=True)``; the engine's go through DeepSpeed's ``load_checkpoint`` (not verified here).  FSDP and ZeRO-3 are refused: they
-shard the frozen weights the teacher shares with the student.  A resumed run is bit-identical to an uninterrupted one on the same machine: the batches are a
+``torch.load(weights_only=True)``; the engine's go through DeepSpeed's ``load_checkpoint`` (not verified here).
+
+Under FSDP (version 2, ``fully_shard``; ``configs/accelerate/fsdp.yaml``) every weight of the denoiser is sharded
+across the processes, the teacher's copies included: the teacher swap only changes which module a layer calls
+(see :mod:`diffaccel.distill.student`).  Checkpoints stay the same safetensors + JSON: the trained parameters, the
+EMA and the optimiser state are gathered whole (a collective), written by the main process, and sharded again on
+resume, so a checkpoint is independent of the number of processes and of the strategy.  FSDP version 1 and
+DeepSpeed ZeRO-3 are refused (flat parameters / partitioned parameters do not survive the teacher's module swap).
+A resumed run is bit-identical to an uninterrupted one on the same machine: the batches are a
 function of (seed, batch number) and the noise of each micro-batch a function of (seed, step, micro-batch,
 process).
 
@@ -46,7 +53,7 @@ from . import data as data_mod
 from .adapters import adapter_for, pil_images
 from .losses import feature_loss, resolve_weights
 from .models import load_model, plugin_for
-from .student import TRAINABLE_METHODS, Student, check_method
+from .student import TRAINABLE_METHODS, Student, check_method, full_tensor, like_param
 
 __all__ = ["run", "parse_options", "DistillError"]
 
@@ -104,6 +111,52 @@ def lr_factor(step, warmup, schedule, max_steps, final_ratio=0.0):
     if schedule == "linear":
         return 1.0 - (1.0 - final_ratio) * p
     return final_ratio + (1.0 - final_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def _gathered(obj):
+    """``obj`` (nested dicts / lists / tensors, e.g. an optimiser's ``state_dict``) with every sharded ``DTensor``
+    gathered whole (collective: every process walks the same structure in the same order)."""
+    if isinstance(obj, dict):
+        return {k: _gathered(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_gathered(v) for v in obj)
+    return full_tensor(obj) if isinstance(obj, torch.Tensor) else obj
+
+
+def _sharded_optimizer_state(saved, params):
+    """An optimiser ``state_dict`` of whole tensors (as :func:`_gathered` wrote it) laid out for ``params``: each
+    per-parameter tensor shaped like its (possibly FSDP-sharded) parameter is sharded like it; the rest (``step``,
+    scalars) is kept."""
+    state = {}
+    for idx, entry in saved.get("state", {}).items():
+        i = int(idx)
+        p = params[i] if 0 <= i < len(params) else None
+        state[idx] = {k: (like_param(v, p).to(v.dtype) if p is not None and isinstance(v, torch.Tensor)
+                          and tuple(v.shape) == tuple(p.shape) else v) for k, v in entry.items()}
+    return {**saved, "state": state}
+
+
+def _check_fsdp(plugin):
+    """FSDP is supported as version 2 (``fully_shard``) without accelerate's activation checkpointing."""
+    if getattr(plugin, "fsdp_version", 1) != 2:
+        raise ValueError("accelerate config: diffaccel distill needs FSDP version 2 (fsdp_config: fsdp_version: 2, "
+                         "as configs/accelerate/fsdp.yaml); version 1's flat parameters do not survive the teacher's "
+                         "module swap")
+    if getattr(plugin, "activation_checkpointing", False):
+        raise ValueError("accelerate config: fsdp_activation_checkpointing renames the model's modules; use "
+                         "--gradient-checkpointing (the model's own) instead")
+
+
+def _wrap_present_blocks(plugin, model):
+    """accelerate's transformer-based wrapping reads the model's ``_no_split_modules`` and fails on a listed class
+    the model does not contain (a UNet without ``UpBlock2D``, say): with no classes named in the config, wrap the
+    listed blocks the model has."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    if plugin.auto_wrap_policy is transformer_auto_wrap_policy and plugin.transformer_cls_names_to_wrap is None:
+        present = {type(m).__name__ for m in model.modules()}
+        plugin.transformer_cls_names_to_wrap = [n for n in (getattr(model, "_no_split_modules", None) or [])
+                                                if n in present]
 
 
 def _check_args(args):
@@ -217,16 +270,16 @@ def run(args) -> dict:
     main = accelerator.is_main_process
     log = (lambda m: accelerator.print(m, flush=True))
     sharded = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise ValueError("accelerate config: FSDP is not supported by diffaccel distill (the teacher shares the "
-                         "student's frozen weights, which FSDP would shard); use DDP or DeepSpeed ZeRO-2, which "
-                         "shards the optimiser state of the trained modules (configs/accelerate/)")
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp:
+        _check_fsdp(accelerator.state.fsdp_plugin)
     if sharded:  # our DataLoader has a batch sampler, so DeepSpeed cannot read the micro-batch size from it
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"] = args.batch_size
         if ds_config.get("zero_optimization", {}).get("stage", 0) > 2:
-            raise ValueError("accelerate config: DeepSpeed ZeRO-3 shards the frozen weights the teacher shares; "
-                             "use ZeRO stage 2 (configs/accelerate/deepspeed_zero2.yaml)")
+            raise ValueError("accelerate config: DeepSpeed ZeRO-3 partitions parameters in a way the teacher's "
+                             "module swap does not survive; use ZeRO stage 2 (configs/accelerate/deepspeed_zero2.yaml) "
+                             "or FSDP (configs/accelerate/fsdp.yaml)")
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
     set_seed(args.seed)
 
@@ -322,7 +375,7 @@ def run(args) -> dict:
     dataset = data_mod.CachedDataset(cache)
 
     state = {"step": 0, "elapsed": 0.0, "cpu": 0.0, "runs": []}
-    ema = None
+    saved = None
     if resume_from is not None:
         state_dir = os.path.join(resume_from, STATE_DIR) if sharded else resume_from
         saved, meta = load_tree(state_dir)
@@ -330,26 +383,31 @@ def run(args) -> dict:
             raise ValueError(f"resume (--resume): the checkpoint was trained with {saved.get('global_batch')} samples per "
                              "step (--batch-size x --gradient-accumulation-steps x processes); this run has "
                              f"{args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes}")
-        if not sharded:
-            student.load_trained(saved["trained"], f"checkpoint {resume_from}")
-            try:
-                optimizer.load_state_dict(saved["optimizer"])
-            except (ValueError, KeyError, RuntimeError) as e:
-                raise ValueError(f"resume (--resume): the optimiser state of {resume_from} does not fit "
-                                 f"--optimizer {args.optimizer} ({e})") from None
-        if saved.get("ema"):
-            ema = {k: v.to(accelerator.device) for k, v in saved["ema"].items()}
         state.update(step=saved["step"], elapsed=saved["elapsed"], cpu=saved.get("cpu", 0.0),
                      runs=list(saved.get("runs") or []))
-    if args.ema_decay and ema is None:
-        ema = {k: p.detach().float().clone() for k, p in student.trained.items()}
 
     sampler = data_mod.StepBatchSampler(len(dataset), args.batch_size, args.seed,
                                         start=state["step"] * args.gradient_accumulation_steps * accelerator.num_processes)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0)
+    if fsdp:
+        _wrap_present_blocks(accelerator.state.fsdp_plugin, adapter.denoiser)
     model, optimizer, loader = accelerator.prepare(adapter.denoiser, optimizer, loader)
-    if resume_from is not None and sharded:
-        accelerator.load_state(resume_from, load_kwargs={"weights_only": True})
+    params = student.rebind()  # FSDP2 replaced the parameter objects (elsewhere the same ones)
+    ema = None
+    if saved is not None:
+        if sharded:
+            accelerator.load_state(resume_from, load_kwargs={"weights_only": True})
+        else:
+            student.load_trained(saved["trained"], f"checkpoint {resume_from}")
+            try:
+                optimizer.load_state_dict(_sharded_optimizer_state(saved["optimizer"], params))
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise ValueError(f"resume (--resume): the optimiser state of {resume_from} does not fit "
+                                 f"--optimizer {args.optimizer} ({e})") from None
+        if saved.get("ema"):
+            ema = {k: like_param(v, student.trained[k]).float() for k, v in saved["ema"].items()}
+    if args.ema_decay and ema is None:
+        ema = {k: p.detach().float().clone() for k, p in student.trained.items()}
     unwrapped = accelerator.unwrap_model(model)
     if args.report_to != "none":
         config = {"method": args.method, "model": args.model, "options": json.dumps(_jsonable(options)),
@@ -361,7 +419,9 @@ def run(args) -> dict:
     n_teacher = sum(p.numel() for p in student.teacher_parameters())
     log(f"distill {args.method} on {type(pipe).__name__} ({family}): {n_train / 1e6:.3f}M trained parameters "
         f"({n_teacher / 1e6:.3f}M frozen teacher copies), {len(dataset)} samples at {size}, losses {dict(weights)}, "
-        f"{accelerator.num_processes} process(es) on {accelerator.device}")
+        f"{accelerator.num_processes} process(es) on {accelerator.device}"
+        f"{'' if accelerator.distributed_type == DistributedType.NO else f' ({accelerator.distributed_type.value})'}"
+        f"{'; sharded with FSDP2: ' + type(next(iter(student.trained.values()))).__name__ if fsdp else ''}")
 
     # ---------------------------------------------------------------------------------- helpers
     def micro_generator(step, micro):
@@ -403,7 +463,7 @@ def run(args) -> dict:
 
     def trained_tensors(source_state=None):
         if source_state is not None:
-            return {k: v.detach().to("cpu", torch.float32).clone() for k, v in source_state.items()}
+            return {k: full_tensor(v.detach()).to("cpu", torch.float32).clone() for k, v in source_state.items()}
         return student.trained_state()
 
     def save_checkpoint(step, elapsed, runs):
@@ -412,7 +472,7 @@ def run(args) -> dict:
                    "global_batch": args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes}
         meta = {"identity": identity, "step": step}
         if not sharded:
-            payload.update(trained=student.trained_state(), optimizer=optimizer.state_dict())
+            payload.update(trained=student.trained_state(), optimizer=_gathered(optimizer.state_dict()))
             if main:
                 def write(folder):
                     save_tree(folder, payload, metadata=meta)
@@ -441,7 +501,7 @@ def run(args) -> dict:
 
     @torch.no_grad()
     def validate(step, teacher=False):
-        if val_cond is None or not main:
+        if val_cond is None or not (main or fsdp):  # under FSDP every process takes part in each forward pass
             return
         gens = [torch.Generator().manual_seed(i) for i in range(len(validation_prompts))]
         ctx = student.teacher() if teacher else contextlib.nullcontext()
@@ -453,6 +513,8 @@ def run(args) -> dict:
                                           steps=args.validation_steps, guidance=guidance, output_type="pil")
         finally:
             unwrapped.train(was_training)
+        if not main:
+            return
         if isinstance(images, torch.Tensor):
             images = pil_images(images)
         from PIL import Image

@@ -22,8 +22,8 @@ from diffaccel.distill.student import Student
 from diffaccel.distill.trainer import run as distill_run
 
 from tiny_models import TINY
-from tiny_distill_pipelines import (tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline,
-                            tiny_wan_pipeline)
+from tiny_distill_pipelines import (tiny_chroma_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline,
+                                    tiny_sdxl_pipeline, tiny_wan_pipeline)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = ["--report-to", "none", "--threads", "1"]
@@ -167,6 +167,7 @@ def test_a_few_dozen_steps_shrink_the_gap_to_the_teacher(which, method, options,
     (tiny_wan_pipeline, "moba", ["-o", "block=(1,2,2)", "-o", "topk=1"],
      ["--height", "32", "--width", "32", "--num-frames", "5"]),
     (tiny_flux_pipeline, "neighborhood", ["-o", "kernel_size=3"], ["--height", "16", "--width", "16"]),
+    (tiny_chroma_pipeline, "clear", ["-o", "radius=2"], ["--height", "16", "--width", "16"]),
 ])
 def test_every_family_distils_end_to_end(build, method, options, size, tmp_path):
     """SD3, SDXL, Wan and FLUX pipelines loaded with from_pretrained: teacher samples, two training steps with all
@@ -184,6 +185,31 @@ def test_every_family_distils_end_to_end(build, method, options, size, tmp_path)
     pipe = _load(str(folder))
     diffaccel.apply(pipe, method, **parse_options(opts.option), weights=str(out))
     diffaccel.remove(pipe)
+
+
+@pytest.mark.parametrize("build", [tiny_chroma_pipeline])
+def test_text_padding_masks_reach_the_denoiser(build):
+    """Pipelines with a text padding mask: the adapter's training call hides the padded text (changing the
+    embeddings under the mask changes nothing), as the pipeline's own denoising loop does."""
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    adapter = adapter_for(pipe)
+    size = adapter.default_size() if build is not tiny_chroma_pipeline else {"height": 16, "width": 16}
+    with torch.no_grad():
+        cond = adapter.encode_prompts(["a red cat", "the blue dog on a green house at night"])
+        x0 = adapter.generate(None, cond, adapter.encode_uncond(), [torch.Generator().manual_seed(i) for i in (0, 1)],
+                              size, steps=1, guidance=1.0)
+        g = torch.Generator().manual_seed(0)
+        t = adapter.noise_levels(x0, g)
+        xt = adapter.noisy(x0, torch.randn(x0.shape, generator=g), t)
+        ref = adapter.forward(adapter.denoiser, xt, t, cond, size)
+        (mask_key,) = [k for k in cond if "mask" in k]
+        hidden = cond[mask_key] == 0
+        assert hidden[0].any() and not hidden[1].all(), "the short prompt is padded"
+        changed = dict(cond, prompt_embeds=torch.where(hidden[..., None], 100.0, cond["prompt_embeds"]))
+        torch.testing.assert_close(adapter.forward(adapter.denoiser, xt, t, changed, size), ref)
+        visible = dict(cond, prompt_embeds=torch.where(hidden[..., None], cond["prompt_embeds"], 100.0))
+        assert not torch.allclose(adapter.forward(adapter.denoiser, xt, t, visible, size), ref)
 
 
 def test_image_folder_and_datasets_recipes(sd_dir, tmp_path):
@@ -344,14 +370,17 @@ def test_fsdp_two_processes_train_like_ddp_and_resume_exactly_after_kill_9(flux_
 
 
 def test_fsdp_bf16_linfusion_module_swap_with_prodigy(sd_dir, tmp_path):
-    """The module-swapping method (LinFusion) under FSDP with bf16 mixed precision and Prodigy; a UNet whose
+    """The module-swapping method (LinFusion) under FSDP with bf16 mixed precision, Prodigy and validation samples; a UNet whose
     ``_no_split_modules`` lists blocks it lacks (accelerate would refuse it) is wrapped at the blocks it has."""
     out = tmp_path / "run"
     r = _launch(FSDP, ["--cpu", "--method", "linfusion", "--model", sd_dir, "--output", str(out), "--num-samples", "4",
                  "--generation-steps", "2", "--shard-size", "2", "--batch-size", "2", "--max-steps", "3",
-                 "--optimizer", "prodigy", "--lr", "1", *QUIET], mixed_precision="bf16")
+                 "--optimizer", "prodigy", "--lr", "1", "--validate-every", "3", "--num-validation", "1",
+                 "--validation-steps", "2", *QUIET], mixed_precision="bf16")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(FSDP); sharded with FSDP2: DTensor" in r.stdout + r.stderr
+    assert sorted(os.listdir(out / "samples")) == ["step-00000003.png", "teacher-000000.png"], \
+        "validation under FSDP: every process generates, the main one writes"
     info = json.loads((out / "training.json").read_text())
     assert info["processes"] == 2 and info["steps"] == 3 and info["mixed_precision"] == "bf16"
     weights = _weights(out)

@@ -137,3 +137,22 @@ def tiny_wan_pipeline(seed=0):
                            temperal_downsample=[False, True, True]).eval()
     return WanPipeline(tokenizer=tok, text_encoder=_t5(tok, seed=seed), vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                        transformer=transformer)
+
+
+def tiny_chroma_pipeline(seed=0):
+    """``ChromaPipeline``: a 1+1-block ``ChromaTransformer2DModel`` (4 latent channels = 1 VAE channel packed 2x2), a
+    T5 text encoder (width 32, padded text masked) and the one-block VAE: 16x16 pixels = 8x8 tokens."""
+    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    tok = _tokenizer(12)
+    torch.manual_seed(seed + 1)
+    transformer = ChromaTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                           axes_dims_rope=[4, 6, 6], approximator_num_channels=8,
+                                           approximator_hidden_dim=32, approximator_layers=1).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035).eval()
+    return ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae,
+                          text_encoder=_t5(tok, seed=seed), tokenizer=tok, transformer=transformer)

@@ -6,10 +6,10 @@ An adapter knows, for its pipeline class, how to
 * let the teacher generate clean latents from cached conditioning (data recipe (a)) and encode images into
   latents (recipe (b)) -- the only places the text encoders and the VAE run;
 * noise clean latents, call the denoiser on cached inputs, and give the model's own training target:
-  flow matching (``v = noise - x0``) for FLUX, SD3 and Wan, the scheduler's ``prediction_type`` (epsilon,
+  flow matching (``v = noise - x0``) for FLUX, Chroma, SD3 and Wan, the scheduler's ``prediction_type`` (epsilon,
   v-prediction or sample, DDPM noising) for SD 1.5/2.1 and SDXL UNets.
 
-Built in: ``FluxPipeline``, ``StableDiffusion3Pipeline``, ``StableDiffusionPipeline``,
+Built in: ``FluxPipeline``, ``ChromaPipeline``, ``StableDiffusion3Pipeline``, ``StableDiffusionPipeline``,
 ``StableDiffusionXLPipeline`` and ``WanPipeline`` (and subclasses).  Plug-ins (``diffaccel.distill.models``) add
 adapters for their own pipelines (the small models).
 
@@ -24,7 +24,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["Adapter", "FlowAdapter", "FluxAdapter", "SD3Adapter", "SDAdapter", "SDXLAdapter", "WanAdapter",
+__all__ = ["Adapter", "FlowAdapter", "FluxAdapter", "ChromaAdapter", "SD3Adapter", "SDAdapter", "SDXLAdapter", "WanAdapter",
            "adapter_for", "logit_normal_sigmas", "shift_sigmas"]
 
 
@@ -214,6 +214,46 @@ class FluxAdapter(FlowAdapter):
                                   dtype=torch.float32)
         return call(hidden_states=x, timestep=t.to(x.dtype), guidance=guidance, pooled_projections=pooled,
                     encoder_hidden_states=pe, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+
+
+class ChromaAdapter(FluxAdapter):
+    """``ChromaPipeline``: FLUX's packed latents and flow schedule; T5 states with their padding mask (no pooled
+    text, no guidance embedding), passed to the denoiser as a boolean mask; the teacher's guidance is
+    classifier-free against the empty prompt."""
+
+    default_guidance = 5.0
+
+    def max_sequence_length(self):
+        return int(min(512, getattr(self.pipe.tokenizer, "model_max_length", 512) or 512))
+
+    def encode_prompts(self, prompts):
+        pe, _, mask, _, _, _ = self.pipe.encode_prompt(prompt=list(prompts), device=self.device,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=self.max_sequence_length())
+        return {"prompt_embeds": pe, "prompt_attention_mask": mask.float()}
+
+    def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
+        b = cond["prompt_embeds"].shape[0]
+        out = self.pipe(prompt_embeds=cond["prompt_embeds"], prompt_attention_mask=cond["prompt_attention_mask"],
+                        negative_prompt_embeds=uncond["prompt_embeds"].expand(b, -1, -1),
+                        negative_prompt_attention_mask=uncond["prompt_attention_mask"].expand(b, -1),
+                        height=size["height"], width=size["width"], num_inference_steps=steps,
+                        guidance_scale=guidance, generator=generators, output_type=output_type,
+                        max_sequence_length=self.max_sequence_length())
+        return out.images
+
+    def forward(self, call, x, t, cond, size):
+        x, pe = self._cast(x, cond["prompt_embeds"])
+        h, w = self._grid(size)
+        img_ids = self.pipe._prepare_latent_image_ids(x.shape[0], h, w, x.device, x.dtype)
+        txt_ids = torch.zeros(pe.shape[1], 3, device=x.device, dtype=x.dtype)
+        # [text; image] as the pipeline builds it, but boolean: the pipeline's 0/1 float mask is added to the
+        # logits by the stock processor (the teacher) and hides nothing (diffusers issue #12116), while diffaccel
+        # (the student) reads it as a mask; a boolean mask means the same to both
+        text_mask = cond["prompt_attention_mask"].to(x.device) != 0
+        mask = torch.cat([text_mask, text_mask.new_ones(x.shape[0], x.shape[1])], dim=1)
+        return call(hidden_states=x, timestep=t.to(x.dtype), encoder_hidden_states=pe, txt_ids=txt_ids,
+                    img_ids=img_ids, attention_mask=mask, return_dict=False)[0]
 
 
 # ------------------------------------------------------------------------------------------------- SD3
@@ -415,7 +455,7 @@ class SDXLAdapter(SDAdapter):
         return {"text_embeds": pooled, "time_ids": ids}
 
 
-_BUILTIN = (("FluxPipeline", FluxAdapter), ("StableDiffusion3Pipeline", SD3Adapter),
+_BUILTIN = (("FluxPipeline", FluxAdapter), ("ChromaPipeline", ChromaAdapter), ("StableDiffusion3Pipeline", SD3Adapter),
             ("StableDiffusionXLPipeline", SDXLAdapter), ("StableDiffusionPipeline", SDAdapter),
             ("WanPipeline", WanAdapter))
 SUPPORTED = tuple(name for name, _ in _BUILTIN)

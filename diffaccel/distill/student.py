@@ -13,7 +13,7 @@ student's, and :meth:`Student.teacher` swaps them in for one forward pass:
 Swapping modules (not parameter values) leaves the student's parameters, their gradients and the optimiser
 untouched, and works the same on one device and under DDP / DeepSpeed ZeRO-2 / FSDP2.  Under FSDP2 every module
 of a block, the stashed copies included, stays in the block's shard group: the swap only changes which module the
-attention layer calls, and FSDP all-gathers the group's parameters (sharded ``DTensor``\ s) whichever is called.
+attention layer calls, and FSDP all-gathers the group's parameters (sharded ``DTensor`` objects) whichever is called.
 FSDP2 replaces the parameter objects, so :meth:`Student.rebind` re-reads them after ``accelerator.prepare``;
 :meth:`Student.trained_state` gathers full tensors and :meth:`Student.load_trained` shards them back.
 

@@ -20,11 +20,15 @@ import torch
 
 from .io import atomic_path, hub_fetch, is_hub_repo_id
 
-__all__ = ["WEIGHTS_NAME", "PROJECTIONS", "projection_keys", "check_weights_option", "save_projections",
-           "write_projections", "install_with_weights"]
+__all__ = ["WEIGHTS_NAME", "PROJECTIONS", "projection_keys", "projection_parameters", "check_weights_option",
+           "save_projections", "write_projections", "install_with_weights"]
 
 WEIGHTS_NAME = "projections.safetensors"
-PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
+#: the trained projections of a patched attention layer, in every method that trains projections (CLEAR,
+#: neighborhood, MoBA; their registry entries' ``trainable_parameters``, the files, ``diffaccel distill``): the
+#: image stream's ``to_q`` / ``to_k`` / ``to_v`` / ``to_out`` and the fused ones some families have instead
+#: (``to_qkv``; FLUX.2's single blocks' ``to_qkv_mlp_proj``); a text stream's own projections stay frozen
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out", "to_qkv", "to_qkv_mlp_proj")
 FORMAT = "diffaccel-projections"
 
 
@@ -48,6 +52,11 @@ def projection_keys(layers) -> dict:
                 for pname, p in sub.named_parameters():
                     out[f"{name}.{proj}.{pname}"] = p
     return out
+
+
+def projection_parameters(model, layers) -> list:
+    """The parameters of :func:`projection_keys` (a registry ``trainable_parameters`` hook)."""
+    return list(projection_keys(layers).values())
 
 
 def save_projections(model, path, layer_names, *, method: str, dtype=None):

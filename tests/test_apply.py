@@ -252,6 +252,21 @@ def test_trainable_parameters_follow_the_method():
                                             for p in m.parameters()}
     finally:
         diffaccel.remove(flux)
+    # a joint (MM-DiT) layer: the image stream's projections train, the text stream's own stay frozen -- exactly
+    # what a projections.safetensors holds (the same list for neighborhood, MoBA and CLEAR)
+    from diffaccel.projections import projection_keys
+
+    for method, options in (("neighborhood", dict(kernel_size=3)), ("moba", dict(block=2, topk=1)),
+                            ("clear", dict(radius=2))):
+        diffaccel.apply(flux, method, backend="torch", layers="transformer_blocks.*", **options)
+        try:
+            attn = flux.transformer_blocks[0].attn
+            params = {id(p) for p in diffaccel.trainable_parameters(flux)}
+            assert params == {id(p) for p in projection_keys([("a", attn)]).values()}
+            mine = {id(p) for m in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]) for p in m.parameters()}
+            assert params == mine and not params & {id(p) for p in attn.add_q_proj.parameters()}
+        finally:
+            diffaccel.remove(flux)
     unet = tiny_unet()
     pipe = tiny_pipeline(unet=unet, transformer=None)
     diffaccel.apply(pipe, "linfusion")

@@ -115,6 +115,8 @@ def test_teacher_is_the_unpatched_model_and_shares_every_frozen_weight(family, m
     assert all(not p.requires_grad for p in copies)
     assert all(p.requires_grad for p in student.trained.values())
     assert sum(p.requires_grad for p in model.parameters()) == len(student.trained)
+    # what distillation trains is the registry's list, the one diffaccel.trainable_parameters gives
+    assert [id(p) for p in student.trained.values()] == [id(p) for p in diffaccel.trainable_parameters(model)]
 
 
 # ----------------------------------------------------------------------------------------- training

@@ -20,7 +20,7 @@ FSDP2 replaces the parameter objects, so :meth:`Student.rebind` re-reads them af
 What trains (:func:`trainable_parameters`): LinFusion's modules (projections and MLP branches; the norms shared
 with the teacher stay frozen); CLEAR's image-stream ``to_q`` / ``to_k`` / ``to_v`` / ``to_out.0`` (+ the pooled
 tokens' ``spatial_weight`` with ``down_factor``); the same projections of the patched layers for neighborhood and
-MoBA.  (This belongs in the method registry; it lives here until the registry grows such a hook.)
+MoBA (:data:`diffaccel.projections.PROJECTIONS`).  The list is the method registry's ``trainable_parameters``.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from ..registry import build_options, get_method
 __all__ = ["TRAINABLE_METHODS", "Student", "trainable_parameters", "check_method", "full_tensor", "like_param"]
 
 TRAINABLE_METHODS = ("linfusion", "clear", "neighborhood", "moba")
-_PROJ = ("to_q", "to_k", "to_v", "to_out_0")
+_PROJ = ("to_q", "to_k", "to_v", "to_out_0", "to_qkv", "to_qkv_mlp_proj")  # PROJECTIONS, to_out as to_out[0]
 _STASH = "_diffaccel_teacher"
 
 
@@ -89,23 +89,17 @@ def check_method(method: str, family: str, options: dict):
 
 
 def trainable_parameters(method: str, model, layer_names) -> dict:
-    """``{name: parameter}`` (names relative to ``model``) of what ``method`` trains in the patched layers."""
-    from ..projections import projection_keys
-
+    """``{name: parameter}`` (names relative to ``model``) of what ``method`` trains in the patched layers: the
+    method registry's ``trainable_parameters`` (the same list ``diffaccel.trainable_parameters(pipe)`` gives),
+    named as the model names them."""
     layers = [(n, model.get_submodule(n)) for n in layer_names]
-    if method == "linfusion":
-        out = {}
-        for name, module in layers:
-            for pname, p in module.named_parameters():
-                if not pname.startswith(("group_norm.", "spatial_norm.", _STASH)):
-                    out[f"{name}.{pname}"] = p
-        return out
-    out = projection_keys(layers)
-    if method == "clear":
-        for name, attn in layers:
-            w = getattr(attn.processor, "spatial_weight", None)
-            if isinstance(w, torch.nn.Parameter):
-                out[f"{name}.processor.spatial_weight"] = w
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if _STASH not in name:
+            names.setdefault(id(p), name)
+    out = {}
+    for p in get_method(method).trainable_parameters(model, layers):
+        out[names[id(p)]] = p
     return out
 
 

@@ -1,8 +1,6 @@
 """Helpers shared by the method modules."""
 from __future__ import annotations
 
-import torch
-
 from ..families import FAMILIES
 
 ALL_FAMILIES = FAMILIES
@@ -22,11 +20,8 @@ def per_axis_for_family(name, value, family):
 
 
 def attention_projections(model, layers) -> list:
-    """The parameters of every ``nn.Linear`` inside the patched attention modules ``layers``
-    (``[(name, module)]``): the query/key/value/output projections, text-stream ones included."""
-    params = []
-    for _, module in layers:
-        for sub in module.modules():
-            if isinstance(sub, torch.nn.Linear):
-                params.extend(sub.parameters())
-    return params
+    """The trained projections of the patched attention modules ``layers`` (``[(name, module)]``):
+    :data:`diffaccel.projections.PROJECTIONS`, what a ``projections.safetensors`` holds."""
+    from ..projections import projection_parameters
+
+    return projection_parameters(model, layers)

@@ -38,6 +38,8 @@ from ..api import denoisers
 from ..bench import Case
 from ..families import get_family, self_attention_layers
 from ..io import hub_fetch, is_hub_repo_id
+from ..projections import PROJECTIONS as _PROJECTIONS
+from ..projections import projection_parameters
 from ..processors import PatternProcessor, StockProcessor, swap_processors
 from ..registry import BenchSpec, Method, check_backend_option, register_method
 
@@ -57,7 +59,6 @@ __all__ = [
 BACKENDS = ("triton", "flex", "torch")
 # the MM-DiT image families whose joint attention matches CLEAR's ([text; image] or [image; text])
 FAMILIES = ("flux", "sd3", "flux2", "chroma", "qwenimage")
-_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 _SPATIAL = "processor.spatial_weight"
 
 
@@ -528,12 +529,8 @@ def default_settings(grid):
 def trainable_parameters(model, layers):
     """CLEAR fine-tunes each patched layer's image-stream projections (``to_q/k/v/out``, or the fused
     ones) and, with pooled tokens, the processors' ``spatial_weight``."""
-    params = []
+    params = projection_parameters(model, layers)
     for _, attn in layers:
-        for proj in _PROJECTIONS + ("to_qkv", "to_qkv_mlp_proj"):
-            sub = getattr(attn, proj, None)
-            if isinstance(sub, torch.nn.Module):
-                params.extend(sub.parameters())
         weight = getattr(attn.processor, "spatial_weight", None)
         if weight is not None:
             params.append(weight)

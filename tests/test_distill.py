@@ -24,6 +24,7 @@ from diffaccel.distill.trainer import run as distill_run
 from tiny_models import TINY
 from tiny_distill_pipelines import (tiny_chroma_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline,
                                     tiny_sdxl_pipeline, tiny_wan_pipeline)
+from tiny_family_pipelines import tiny_qwenimage_pipeline, tiny_zimage_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = ["--report-to", "none", "--threads", "1"]
@@ -170,15 +171,19 @@ def test_a_few_dozen_steps_shrink_the_gap_to_the_teacher(which, method, options,
      ["--height", "32", "--width", "32", "--num-frames", "5"]),
     (tiny_flux_pipeline, "neighborhood", ["-o", "kernel_size=3"], ["--height", "16", "--width", "16"]),
     (tiny_chroma_pipeline, "clear", ["-o", "radius=2"], ["--height", "16", "--width", "16"]),
+    (tiny_qwenimage_pipeline, "clear", ["-o", "radius=2", "-o", "down_factor=2"], ["--height", "32", "--width", "32"]),
+    (tiny_zimage_pipeline, "neighborhood", ["-o", "kernel_size=3"], ["--height", "32", "--width", "32"]),
 ])
 def test_every_family_distils_end_to_end(build, method, options, size, tmp_path):
-    """SD3, SDXL, Wan and FLUX pipelines loaded with from_pretrained: teacher samples, two training steps with all
-    three losses, and weights that `diffaccel.apply(pipe, method, weights=...)` loads."""
+    """SD3, SDXL, Wan, FLUX, Chroma, Qwen-Image and Z-Image pipelines loaded with from_pretrained: teacher samples,
+    two training steps with all three losses, and weights that `diffaccel.apply(pipe, method, weights=...)`
+    loads."""
     folder = tmp_path / "pipe"
     build().save_pretrained(folder)
     out = tmp_path / "run"
+    steps = "2" if build is tiny_qwenimage_pipeline else "1"  # its terminal shift divides by zero at one step
     distill(["--method", method, "--model", str(folder), *options, "--output", str(out), *size, "--num-samples", "2",
-             "--generation-steps", "1", "--batch-size", "2", "--max-steps", "2", "--checkpoint-every", "0", *QUIET])
+             "--generation-steps", steps, "--batch-size", "2", "--max-steps", "2", "--checkpoint-every", "0", *QUIET])
     info = json.loads((out / "training.json").read_text())
     assert info["steps"] == 2 and info["loss_weights"] == {"target": 1.0, "output": 0.5, "feature": 0.5}
     opts = distill_cli.build_parser().parse_args(["--method", method, "--model", "x", "--output", "x", *options])
@@ -189,18 +194,19 @@ def test_every_family_distils_end_to_end(build, method, options, size, tmp_path)
     diffaccel.remove(pipe)
 
 
-@pytest.mark.parametrize("build", [tiny_chroma_pipeline])
-def test_text_padding_masks_reach_the_denoiser(build):
+@pytest.mark.parametrize("build,side", [(tiny_chroma_pipeline, 16), (tiny_qwenimage_pipeline, 32),
+                                        (tiny_zimage_pipeline, 32)])
+def test_text_padding_masks_reach_the_denoiser(build, side):
     """Pipelines with a text padding mask: the adapter's training call hides the padded text (changing the
     embeddings under the mask changes nothing), as the pipeline's own denoising loop does."""
     pipe = build()
     pipe.set_progress_bar_config(disable=True)
     adapter = adapter_for(pipe)
-    size = adapter.default_size() if build is not tiny_chroma_pipeline else {"height": 16, "width": 16}
+    size = {"height": side, "width": side}
     with torch.no_grad():
         cond = adapter.encode_prompts(["a red cat", "the blue dog on a green house at night"])
         x0 = adapter.generate(None, cond, adapter.encode_uncond(), [torch.Generator().manual_seed(i) for i in (0, 1)],
-                              size, steps=1, guidance=1.0)
+                              size, steps=2, guidance=1.0)
         g = torch.Generator().manual_seed(0)
         t = adapter.noise_levels(x0, g)
         xt = adapter.noisy(x0, torch.randn(x0.shape, generator=g), t)
@@ -212,6 +218,38 @@ def test_text_padding_masks_reach_the_denoiser(build):
         torch.testing.assert_close(adapter.forward(adapter.denoiser, xt, t, changed, size), ref)
         visible = dict(cond, prompt_embeds=torch.where(hidden[..., None], cond["prompt_embeds"], 100.0))
         assert not torch.allclose(adapter.forward(adapter.denoiser, xt, t, visible, size), ref)
+
+
+@pytest.mark.parametrize("build,side", [(tiny_chroma_pipeline, 16), (tiny_qwenimage_pipeline, 32),
+                                        (tiny_zimage_pipeline, 32)])
+def test_encoded_images_are_laid_out_like_the_teachers_samples(build, side):
+    """Recipe (b) on the newer families: VAE latents of images have the layout (packing, channels) of the latents
+    the teacher generates, so both recipes feed the same training call."""
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    adapter = adapter_for(pipe)
+    size = {"height": side, "width": side}
+    with torch.no_grad():
+        cond = adapter.encode_prompts(["a red cat", "a dog"])
+        x0 = adapter.generate(None, cond, adapter.encode_uncond(), [torch.Generator().manual_seed(i) for i in (0, 1)],
+                              size, steps=2, guidance=1.0)
+        images = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+        lat = adapter.encode_images(images, size)
+        assert lat.shape == x0.shape and torch.isfinite(lat).all()
+        t = torch.full((2,), 0.5)
+        out = adapter.forward(adapter.denoiser, adapter.noisy(lat, torch.randn_like(lat), t), t, cond, size)
+        assert out.shape == adapter.target(lat, lat, t).shape
+
+
+def test_a_scheduler_that_breaks_at_few_steps_is_refused_before_caching(tmp_path):
+    folder = tmp_path / "pipe"
+    tiny_qwenimage_pipeline().save_pretrained(folder)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"generation_steps \(--generation-steps\).*NaN"):
+        distill(["--method", "clear", "-o", "radius=2", "--model", str(folder), "--output", str(out), "--height", "32",
+                 "--width", "32", "--num-samples", "2", "--generation-steps", "1", "--batch-size", "2",
+                 "--max-steps", "1", *QUIET])
+    assert not any(n.startswith("shard-") for n in os.listdir(out / "data")), "no broken sample is cached"
 
 
 def test_image_folder_and_datasets_recipes(sd_dir, tmp_path):

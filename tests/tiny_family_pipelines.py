@@ -61,7 +61,8 @@ def tiny_qwenimage_pipeline(seed=0):
     does.  ``pipe.encode_prompt(["a red cat", "the blue dog on a green tree"])`` returns
     ``(prompt_embeds [2, L, 32] float32, prompt_embeds_mask [2, L] int64)`` where ``L`` is the longest prompt's
     token count plus the 5 tokens of the template's suffix; the mask has 1 on valid tokens, 0 on right padding,
-    and is ``None`` when every prompt has the same length (so always for a single prompt).
+    and is ``None`` when every prompt has the same length (so always for a single prompt).  Reload with
+    ``disable_mmap=True`` for bit-identical outputs (module docstring).
     """
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
                            QwenImageTransformer2DModel)
@@ -109,7 +110,8 @@ def tiny_zimage_pipeline(seed=0):
     text encoder's second-to-last hidden states of the valid tokens: template + prompt, e.g. 11 and 15 tokens; the
     negatives, of ``""``, 8 tokens each); with ``do_classifier_free_guidance=False`` the negatives are ``[]``.
     Caveat of diffusers: ``encode_prompt`` overwrites the items of a prompt *list* passed in with their
-    chat-templated text, so pass a copy.
+    chat-templated text, so pass a copy.  The chat template is saved with the tokenizer (``chat_template.jinja``)
+    and survives ``save_pretrained`` / ``from_pretrained``.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model

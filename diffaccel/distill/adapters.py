@@ -6,11 +6,12 @@ An adapter knows, for its pipeline class, how to
 * let the teacher generate clean latents from cached conditioning (data recipe (a)) and encode images into
   latents (recipe (b)) -- the only places the text encoders and the VAE run;
 * noise clean latents, call the denoiser on cached inputs, and give the model's own training target:
-  flow matching (``v = noise - x0``) for FLUX, Chroma, SD3 and Wan, the scheduler's ``prediction_type`` (epsilon,
-  v-prediction or sample, DDPM noising) for SD 1.5/2.1 and SDXL UNets.
+  flow matching (``v = noise - x0``) for FLUX, Chroma, Qwen-Image, Z-Image, SD3 and Wan, the scheduler's
+  ``prediction_type`` (epsilon, v-prediction or sample, DDPM noising) for SD 1.5/2.1 and SDXL UNets.
 
-Built in: ``FluxPipeline``, ``ChromaPipeline``, ``StableDiffusion3Pipeline``, ``StableDiffusionPipeline``,
-``StableDiffusionXLPipeline`` and ``WanPipeline`` (and subclasses).  Plug-ins (``diffaccel.distill.models``) add
+Built in: ``FluxPipeline``, ``ChromaPipeline``, ``QwenImagePipeline``, ``ZImagePipeline``,
+``StableDiffusion3Pipeline``, ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` and ``WanPipeline`` (and
+subclasses).  Plug-ins (``diffaccel.distill.models``) add
 adapters for their own pipelines (the small models).
 
 Conventions: conditioning is a ``{name: tensor}`` dict, batch first; ``size`` is
@@ -24,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["Adapter", "FlowAdapter", "FluxAdapter", "ChromaAdapter", "SD3Adapter", "SDAdapter", "SDXLAdapter", "WanAdapter",
+__all__ = ["Adapter", "FlowAdapter", "FluxAdapter", "ChromaAdapter", "QwenImageAdapter", "ZImageAdapter", "SD3Adapter", "SDAdapter", "SDXLAdapter", "WanAdapter",
            "adapter_for", "logit_normal_sigmas", "shift_sigmas"]
 
 
@@ -155,6 +156,35 @@ class FlowAdapter(Adapter):
 # ------------------------------------------------------------------------------------------------- FLUX
 
 
+def _dynamic_shift(cfg, n_tokens):
+    """The shift ``exp(mu)`` a scheduler with ``use_dynamic_shifting`` applies at ``n_tokens`` image tokens (the
+    pipelines' ``calculate_shift``), else ``None``."""
+    if not cfg.get("use_dynamic_shifting"):
+        return None
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    mu = calculate_shift(n_tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    return math.exp(mu)
+
+
+def _pad_text(embeds, length):
+    """Text states of one prompt each (a list of ``[L_i, D]``, or ``[B, L, D]`` with a ``[B, L]`` mask given as
+    ``(embeds, mask)``) -> ``([B, length, D]`` zero-padded, ``[B, length]`` 0/1 mask): the data cache stores one
+    shape for every sample; the adapters give the denoiser the mask (or the unpadded states) back."""
+    if isinstance(embeds, tuple):
+        states, mask = embeds
+        mask = torch.ones(states.shape[:2], device=states.device) if mask is None else mask
+        embeds = [s[m.bool()] for s, m in zip(states, mask)]
+    out = embeds[0].new_zeros(len(embeds), length, embeds[0].shape[-1])
+    mask = torch.zeros(len(embeds), length, device=embeds[0].device)
+    for i, e in enumerate(embeds):
+        n = min(length, e.shape[0])
+        out[i, :n] = e[:n]
+        mask[i, :n] = 1
+    return out, mask
+
+
 class FluxAdapter(FlowAdapter):
     """``FluxPipeline``: packed 2x2 latents ``[B, N, 4C]``, CLIP pooled + T5 states, guidance embedding (dev)."""
 
@@ -180,14 +210,7 @@ class FluxAdapter(FlowAdapter):
         return size["height"] // f, size["width"] // f
 
     def shift(self, x0):
-        cfg = self.pipe.scheduler.config
-        if cfg.get("use_dynamic_shifting"):
-            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-            mu = calculate_shift(x0.shape[1], cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                                 cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-            return math.exp(mu)
-        return super().shift(x0)
+        return _dynamic_shift(self.pipe.scheduler.config, x0.shape[1]) or super().shift(x0)
 
     def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
         out = self.pipe(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"],
@@ -254,6 +277,108 @@ class ChromaAdapter(FluxAdapter):
         mask = torch.cat([text_mask, text_mask.new_ones(x.shape[0], x.shape[1])], dim=1)
         return call(hidden_states=x, timestep=t.to(x.dtype), encoder_hidden_states=pe, txt_ids=txt_ids,
                     img_ids=img_ids, attention_mask=mask, return_dict=False)[0]
+
+
+class QwenImageAdapter(FluxAdapter):
+    """``QwenImagePipeline``: packed 2x2 latents ``[B, N, 4C]`` normalised by the VAE's ``latents_mean`` / ``std``;
+    Qwen2.5-VL states padded to ``text_length`` tokens with their mask; ``img_shapes`` for the RoPE; the teacher
+    guides with the pipeline's true CFG (``true_cfg_scale``) against the empty prompt."""
+
+    default_guidance = 4.0
+    text_length = 512  # the pipeline's max_sequence_length
+
+    def encode_prompts(self, prompts):
+        pe, mask = self.pipe.encode_prompt(prompt=list(prompts), device=self.device,
+                                           max_sequence_length=self.text_length)
+        pe, mask = _pad_text((pe, mask), self.text_length)
+        return {"prompt_embeds": pe, "prompt_embeds_mask": mask}
+
+    def _text(self, cond):
+        return cond["prompt_embeds"], cond["prompt_embeds_mask"].long()
+
+    def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
+        b = cond["prompt_embeds"].shape[0]
+        pe, mask = self._text(cond)
+        npe, nmask = self._text(uncond)
+        out = self.pipe(prompt_embeds=pe, prompt_embeds_mask=mask, negative_prompt_embeds=npe.expand(b, -1, -1),
+                        negative_prompt_embeds_mask=nmask.expand(b, -1), true_cfg_scale=guidance,
+                        height=size["height"], width=size["width"], num_inference_steps=steps, generator=generators,
+                        output_type=output_type, max_sequence_length=self.text_length)
+        return out.images
+
+    def _stats(self, lat):
+        cfg = self.pipe.vae.config
+        mean = torch.tensor(cfg.latents_mean, device=lat.device, dtype=lat.dtype).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=lat.device, dtype=lat.dtype).view(1, -1, 1, 1, 1)
+        return mean, std
+
+    def encode_images(self, images, size):
+        vae = self.pipe.vae
+        lat = vae.encode((images * 2 - 1).unsqueeze(2).to(vae.device, vae.dtype)).latent_dist.mode()
+        mean, std = self._stats(lat)
+        lat = ((lat - mean) / std)[:, :, 0]
+        b, c, h, w = lat.shape
+        return self.pipe._pack_latents(lat, b, c, h, w)
+
+    def forward(self, call, x, t, cond, size):
+        (x,) = self._cast(x)
+        pe, mask = self._text(cond)
+        (pe,) = self._cast(pe)
+        h, w = self._grid(size)
+        guidance = None
+        if self.denoiser.config.get("guidance_embeds"):
+            guidance = torch.full((x.shape[0],), float(self.guidance or 1.0), device=x.device, dtype=torch.float32)
+        return call(hidden_states=x, timestep=t.to(x.dtype), guidance=guidance, encoder_hidden_states=pe,
+                    encoder_hidden_states_mask=mask.to(x.device), img_shapes=[[(1, h, w)]] * x.shape[0],
+                    return_dict=False)[0]
+
+
+class ZImageAdapter(FlowAdapter):
+    """``ZImagePipeline``: latents ``[B, C, h, w]`` (``(x - shift_factor) * scaling_factor``; the transformer
+    patchifies 2x2); Qwen3 states, one unpadded tensor per prompt (cached padded to ``text_length`` with a mask).
+    The denoiser takes lists, ``1 - sigma`` as its timestep and predicts ``x0 - noise``: :meth:`forward` returns
+    ``noise - x0`` like the other flow adapters."""
+
+    text_length = 512  # the pipeline's max_sequence_length
+
+    def default_size(self):
+        return {"height": 1024, "width": 1024}
+
+    def size_multiple(self):
+        return self.pipe.vae_scale_factor * 2
+
+    def shift(self, x0):
+        return _dynamic_shift(self.pipe.scheduler.config, (x0.shape[-2] // 2) * (x0.shape[-1] // 2)) or \
+            super().shift(x0)
+
+    def encode_prompts(self, prompts):
+        embeds, _ = self.pipe.encode_prompt(prompt=list(prompts), device=self.device, do_classifier_free_guidance=False,
+                                            max_sequence_length=self.text_length)
+        pe, mask = _pad_text(embeds, self.text_length)
+        return {"prompt_embeds": pe, "prompt_embeds_mask": mask}
+
+    @staticmethod
+    def _unpadded(cond):
+        return [e[m.bool()] for e, m in zip(cond["prompt_embeds"], cond["prompt_embeds_mask"])]
+
+    def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
+        b = cond["prompt_embeds"].shape[0]
+        out = self.pipe(prompt_embeds=self._unpadded(cond), negative_prompt_embeds=self._unpadded(uncond) * b,
+                        guidance_scale=guidance, height=size["height"], width=size["width"],
+                        num_inference_steps=steps, generator=generators, output_type=output_type,
+                        max_sequence_length=self.text_length)
+        return out.images
+
+    def encode_images(self, images, size):
+        vae = self.pipe.vae
+        lat = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mode()
+        return (lat - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def forward(self, call, x, t, cond, size):
+        x, pe = self._cast(x, cond["prompt_embeds"])
+        caps = self._unpadded({"prompt_embeds": pe, "prompt_embeds_mask": cond["prompt_embeds_mask"]})
+        out = call(list(x.unsqueeze(2).unbind(0)), (1 - t).to(x.dtype), caps, return_dict=False)[0]
+        return -torch.stack(out).squeeze(2)
 
 
 # ------------------------------------------------------------------------------------------------- SD3
@@ -455,7 +580,8 @@ class SDXLAdapter(SDAdapter):
         return {"text_embeds": pooled, "time_ids": ids}
 
 
-_BUILTIN = (("FluxPipeline", FluxAdapter), ("ChromaPipeline", ChromaAdapter), ("StableDiffusion3Pipeline", SD3Adapter),
+_BUILTIN = (("FluxPipeline", FluxAdapter), ("ChromaPipeline", ChromaAdapter), ("QwenImagePipeline", QwenImageAdapter),
+            ("ZImagePipeline", ZImageAdapter), ("StableDiffusion3Pipeline", SD3Adapter),
             ("StableDiffusionXLPipeline", SDXLAdapter), ("StableDiffusionPipeline", SDAdapter),
             ("WanPipeline", WanAdapter))
 SUPPORTED = tuple(name for name, _ in _BUILTIN)

@@ -261,6 +261,9 @@ def generate_shards(cache, adapter, prompts, shards, *, seed, steps, guidance, s
                 cond = adapter.encode_prompts(ps)
                 gens = [torch.Generator().manual_seed(seed * 1_000_003 + j) for j in rows[start:start + batch_size]]
                 lat = adapter.generate(ps, cond, uncond, gens, size, steps=steps, guidance=guidance)
+            if not bool(torch.isfinite(lat).all()):  # never cache a broken sample (e.g. Qwen-Image at 1 step)
+                raise ValueError(f"generation_steps (--generation-steps): the teacher's samples for shard {i} hold "
+                                 f"NaN or inf at {steps} step(s) with this scheduler; use more steps")
             latents.append(lat.float().cpu())
             conds.append({k: v.cpu() for k, v in cond.items()})
         cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}

@@ -23,7 +23,7 @@ from diffaccel.distill.trainer import run as distill_run
 
 from tiny_models import TINY
 from tiny_distill_pipelines import (tiny_chroma_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline,
-                                    tiny_sdxl_pipeline, tiny_wan_pipeline)
+                                    tiny_sdxl_pipeline, tiny_wan22_pipeline, tiny_wan_pipeline)
 from tiny_family_pipelines import tiny_qwenimage_pipeline, tiny_zimage_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,6 +250,40 @@ def test_a_scheduler_that_breaks_at_few_steps_is_refused_before_caching(tmp_path
                  "--width", "32", "--num-samples", "2", "--generation-steps", "1", "--batch-size", "2",
                  "--max-steps", "1", *QUIET])
     assert not any(n.startswith("shard-") for n in os.listdir(out / "data")), "no broken sample is cached"
+
+
+def test_wan22_experts_are_distilled_each_on_its_own_noise_range(tmp_path):
+    """Wan 2.2 (two experts, boundary_ratio 0.5): --denoiser picks the expert; its noise levels stay on its side of
+    the boundary; the weights are the low-noise expert's and load into pipe.transformer_2."""
+    pipe = tiny_wan22_pipeline()
+    adapter = adapter_for(pipe)
+    assert adapter.denoisers() == ("transformer", "transformer_2")
+    x0 = torch.zeros(4096, 1)
+    high = adapter.noise_levels(x0, torch.Generator().manual_seed(0))
+    adapter.select_denoiser("transformer_2")
+    low = adapter.noise_levels(x0, torch.Generator().manual_seed(0))
+    assert high.min() >= 0.5 and high.max() <= 1 and low.max() < 0.5 and low.min() >= 0
+    with pytest.raises(ValueError, match=r"denoiser \(--denoiser\)"):
+        adapter.select_denoiser("unet")
+    with pytest.raises(ValueError, match=r"denoiser \(--denoiser\)"):
+        adapter_for(tiny_wan_pipeline()).select_denoiser("transformer_2")  # Wan 2.1: one denoiser
+
+    folder, out = tmp_path / "pipe", tmp_path / "run"
+    pipe.save_pretrained(folder)
+    distill(["--method", "neighborhood", "-o", "kernel_size=(1,3,3)", "--model", str(folder), "--denoiser",
+             "transformer_2", "--output", str(out), "--height", "32", "--width", "32", "--num-frames", "5",
+             "--num-samples", "2", "--generation-steps", "2", "--batch-size", "2", "--max-steps", "2",
+             "--checkpoint-every", "0", "--lr", "1e-2", *QUIET])
+    info = json.loads((out / "training.json").read_text())
+    assert info["denoiser"] == "transformer_2"
+    from safetensors.torch import load_file
+
+    trained = load_file(str(out / "projections.safetensors"))
+    pipe = _load(str(folder))
+    low = dict(pipe.transformer_2.named_parameters())
+    assert any(not torch.equal(trained[k], low[k]) for k in trained), "the low-noise expert's projections trained"
+    diffaccel.apply(pipe.transformer_2, "neighborhood", kernel_size=(1, 3, 3), weights=str(out))
+    assert all(torch.equal(trained[k], dict(pipe.transformer_2.named_parameters())[k]) for k in trained)
 
 
 def test_image_folder_and_datasets_recipes(sd_dir, tmp_path):

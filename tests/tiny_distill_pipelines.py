@@ -156,3 +156,14 @@ def tiny_chroma_pipeline(seed=0):
                         shift_factor=0.0609, scaling_factor=1.5035).eval()
     return ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae,
                           text_encoder=_t5(tok, seed=seed), tokenizer=tok, transformer=transformer)
+
+
+def tiny_wan22_pipeline(seed=0):
+    """Wan 2.2's layout: :func:`tiny_wan_pipeline` with a second expert (``transformer_2``, the low-noise one) and
+    ``boundary_ratio`` 0.5."""
+    from diffusers import WanPipeline
+
+    base = tiny_wan_pipeline(seed)
+    low = tiny_wan_pipeline(seed + 10).transformer
+    return WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                       scheduler=base.scheduler, transformer=base.transformer, transformer_2=low, boundary_ratio=0.5)

@@ -69,6 +69,18 @@ class Adapter:
     def denoiser(self) -> torch.nn.Module:
         return getattr(self.pipe, self.denoiser_attr)
 
+    def denoisers(self) -> tuple:
+        """The pipeline components this adapter can distil (the first is the default)."""
+        return (self.denoiser_attr,)
+
+    def select_denoiser(self, name):
+        """Distil the component ``name`` (``--denoiser``); ``ValueError`` naming the option otherwise."""
+        choices = self.denoisers()
+        if name not in choices:
+            raise ValueError(f"denoiser (--denoiser) must be one of {list(choices)} for {type(self.pipe).__name__}, "
+                             f"got {name!r}")
+        self.denoiser_attr = name
+
     @property
     def device(self):
         return self.denoiser.device
@@ -436,9 +448,23 @@ class SD3Adapter(FlowAdapter):
 
 class WanAdapter(FlowAdapter):
     """``WanPipeline``: video latents ``[B, C, F', h, w]`` normalised by the VAE's ``latents_mean`` / ``std``;
-    UMT5 states (512 tokens)."""
+    UMT5 states (512 tokens).  Wan 2.2 (``transformer_2`` and ``boundary_ratio``): each expert is distilled on its
+    own noise range, ``transformer`` on ``sigma >= boundary_ratio``, ``transformer_2`` below (the pipeline's
+    hand-over); the teacher's samples use both, as the pipeline does."""
 
     video = True
+
+    def denoisers(self):
+        if getattr(self.pipe, "transformer_2", None) is not None and self.pipe.config.get("boundary_ratio") is not None:
+            return ("transformer", "transformer_2")
+        return ("transformer",)
+
+    def noise_levels(self, x0, generator):
+        sigma = super().noise_levels(x0, generator)
+        if len(self.denoisers()) == 1:
+            return sigma
+        b = float(self.pipe.config.boundary_ratio)
+        return b + (1 - b) * sigma if self.denoiser_attr == "transformer" else b * sigma
 
     def default_size(self):
         return {"height": 480, "width": 832, "num_frames": 81}

@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="a method option (Python literal), repeatable: -o radius=16 -o down_factor=4")
     g.add_argument("--layers", action="append", metavar="GLOB",
                    help="patch and train only these attention layers (fnmatch on module names; repeatable)")
+    g.add_argument("--denoiser", metavar="NAME",
+                   help="the pipeline's denoiser to distil where it has several: Wan 2.2's transformer (high-noise "
+                        "expert, the default) or transformer_2 (low-noise expert)")
     g.add_argument("--output", required=True, help="the run's folder: weights, checkpoints, data cache, logs")
     g.add_argument("--export", metavar="DIR",
                    help="also copy the final weights and training.json into DIR (new, empty or an earlier export)")

@@ -241,7 +241,10 @@ def run(args) -> dict:
     cpu0 = time.process_time()
     options = _check_args(args)
     layers = list(args.layers) if args.layers else None
-    identity = _jsonable({"method": args.method, "model": args.model, "options": options, "layers": layers})
+    identity = {"method": args.method, "model": args.model, "options": options, "layers": layers}
+    if getattr(args, "denoiser", None):
+        identity["denoiser"] = args.denoiser
+    identity = _jsonable(identity)
     output = os.path.abspath(args.output)
     _, ckdir = _check_output(args, identity)
     if args.export:
@@ -288,6 +291,8 @@ def run(args) -> dict:
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     adapter = adapter_for(pipe)
+    if getattr(args, "denoiser", None):
+        adapter.select_denoiser(args.denoiser)
     from ..families import detect_family
 
     try:
@@ -602,7 +607,8 @@ def run(args) -> dict:
     info = None
     if main:
         files = student.export(output, final)
-        info = {"kind": "distill", "method": args.method, "model": args.model, "options": options, "layers": layers,
+        info = {"kind": "distill", "method": args.method, "model": args.model, "denoiser": adapter.denoiser_attr,
+                "options": options, "layers": layers,
                 "steps": step, "loss_weights": dict(weights), "final_loss": sum(history[-50:]) / max(1, len(history[-50:]))
                 if history else None, "data": recipe, "batch_size": args.batch_size,
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,

@@ -25,6 +25,7 @@ from tiny_models import TINY
 from tiny_distill_pipelines import (tiny_chroma_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline,
                                     tiny_sdxl_pipeline, tiny_wan22_pipeline, tiny_wan_pipeline)
 from tiny_family_pipelines import tiny_qwenimage_pipeline, tiny_zimage_pipeline
+from tiny_flux2_pipeline import tiny_flux2_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = ["--report-to", "none", "--threads", "1"]
@@ -78,6 +79,7 @@ def _load(folder):
     ("flux", "clear", {"radius": 2, "down_factor": 2}),
     ("wan", "neighborhood", {"kernel_size": (1, 3, 3)}),
     ("sd3", "moba", {"block": (2, 2), "topk": 1}),
+    ("flux2", "clear", {"radius": 2}),  # fused projections (to_qkv_mlp_proj) in the single blocks
 ])
 def test_teacher_is_the_unpatched_model_and_shares_every_frozen_weight(family, method, options):
     factory, inputs_of = TINY[family]
@@ -96,6 +98,12 @@ def test_teacher_is_the_unpatched_model_and_shares_every_frozen_weight(family, m
     assert torch.equal(t_out, ref), "teacher mode must reproduce the unpatched model exactly"
     assert not torch.allclose(out, ref, atol=1e-4), "the student runs the method"
     assert torch.equal(again, out), "leaving teacher mode restores the student"
+    with torch.no_grad():  # training moves the student's weights, never the teacher's
+        for p in student.trained.values():
+            p.add_(0.05 * torch.randn_like(p))
+        with student.teacher() as teacher:
+            assert torch.equal(teacher(**inputs, return_dict=False)[0], ref)
+        assert not torch.equal(model(**inputs, return_dict=False)[0], out)
     # every original parameter is still the model's (shared, not copied) ...
     after = {id(p) for p in model.parameters()}
     assert set(before) <= after
@@ -173,9 +181,10 @@ def test_a_few_dozen_steps_shrink_the_gap_to_the_teacher(which, method, options,
     (tiny_chroma_pipeline, "clear", ["-o", "radius=2"], ["--height", "16", "--width", "16"]),
     (tiny_qwenimage_pipeline, "clear", ["-o", "radius=2", "-o", "down_factor=2"], ["--height", "32", "--width", "32"]),
     (tiny_zimage_pipeline, "neighborhood", ["-o", "kernel_size=3"], ["--height", "32", "--width", "32"]),
+    (tiny_flux2_pipeline, "clear", ["-o", "radius=2"], ["--height", "32", "--width", "32"]),
 ])
 def test_every_family_distils_end_to_end(build, method, options, size, tmp_path):
-    """SD3, SDXL, Wan, FLUX, Chroma, Qwen-Image and Z-Image pipelines loaded with from_pretrained: teacher samples,
+    """SD3, SDXL, Wan, FLUX.1/.2, Chroma, Qwen-Image and Z-Image pipelines loaded with from_pretrained: teacher samples,
     two training steps with all three losses, and weights that `diffaccel.apply(pipe, method, weights=...)`
     loads."""
     folder = tmp_path / "pipe"
@@ -221,7 +230,7 @@ def test_text_padding_masks_reach_the_denoiser(build, side):
 
 
 @pytest.mark.parametrize("build,side", [(tiny_chroma_pipeline, 16), (tiny_qwenimage_pipeline, 32),
-                                        (tiny_zimage_pipeline, 32)])
+                                        (tiny_zimage_pipeline, 32), (tiny_flux2_pipeline, 32)])
 def test_encoded_images_are_laid_out_like_the_teachers_samples(build, side):
     """Recipe (b) on the newer families: VAE latents of images have the layout (packing, channels) of the latents
     the teacher generates, so both recipes feed the same training call."""

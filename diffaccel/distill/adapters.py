@@ -6,10 +6,10 @@ An adapter knows, for its pipeline class, how to
 * let the teacher generate clean latents from cached conditioning (data recipe (a)) and encode images into
   latents (recipe (b)) -- the only places the text encoders and the VAE run;
 * noise clean latents, call the denoiser on cached inputs, and give the model's own training target:
-  flow matching (``v = noise - x0``) for FLUX, Chroma, Qwen-Image, Z-Image, SD3 and Wan, the scheduler's
+  flow matching (``v = noise - x0``) for FLUX.1/.2, Chroma, Qwen-Image, Z-Image, SD3 and Wan, the scheduler's
   ``prediction_type`` (epsilon, v-prediction or sample, DDPM noising) for SD 1.5/2.1 and SDXL UNets.
 
-Built in: ``FluxPipeline``, ``ChromaPipeline``, ``QwenImagePipeline``, ``ZImagePipeline``,
+Built in: ``FluxPipeline``, ``ChromaPipeline``, ``Flux2Pipeline``, ``QwenImagePipeline``, ``ZImagePipeline``,
 ``StableDiffusion3Pipeline``, ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` and ``WanPipeline`` (and
 subclasses).  Plug-ins (``diffaccel.distill.models``) add
 adapters for their own pipelines (the small models).
@@ -25,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["Adapter", "FlowAdapter", "FluxAdapter", "ChromaAdapter", "QwenImageAdapter", "ZImageAdapter", "SD3Adapter", "SDAdapter", "SDXLAdapter", "WanAdapter",
+__all__ = ["Adapter", "FlowAdapter", "FluxAdapter", "ChromaAdapter", "Flux2Adapter", "QwenImageAdapter", "ZImageAdapter", "SD3Adapter", "SDAdapter", "SDXLAdapter", "WanAdapter",
            "adapter_for", "logit_normal_sigmas", "shift_sigmas"]
 
 
@@ -289,6 +289,51 @@ class ChromaAdapter(FluxAdapter):
         mask = torch.cat([text_mask, text_mask.new_ones(x.shape[0], x.shape[1])], dim=1)
         return call(hidden_states=x, timestep=t.to(x.dtype), encoder_hidden_states=pe, txt_ids=txt_ids,
                     img_ids=img_ids, attention_mask=mask, return_dict=False)[0]
+
+
+class Flux2Adapter(FluxAdapter):
+    """``Flux2Pipeline``: packed latents ``[B, N, 4C]`` normalised by the VAE's BatchNorm statistics; text states of
+    ``text_length`` tokens (the pipeline pads and gives the padding to the denoiser too: no mask); 4-axis ids; the
+    guidance embedding (no classifier-free guidance).  The flow shift is the pipeline's empirical ``mu`` at
+    ``schedule_steps`` steps."""
+
+    default_guidance = 4.0
+    text_length = 512  # the pipeline's max_sequence_length
+    schedule_steps = 50  # the pipeline's default num_inference_steps (FLUX.2's shift depends on it)
+
+    def shift(self, x0):
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+        return math.exp(compute_empirical_mu(x0.shape[1], self.schedule_steps))
+
+    def encode_prompts(self, prompts):
+        pe, _ = self.pipe.encode_prompt(prompt=list(prompts), device=self.device, max_sequence_length=self.text_length)
+        return {"prompt_embeds": pe}
+
+    def encode_uncond(self):
+        return self.encode_prompts([""])
+
+    def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
+        out = self.pipe(prompt_embeds=cond["prompt_embeds"], guidance_scale=guidance, height=size["height"],
+                        width=size["width"], num_inference_steps=steps, generator=generators,
+                        output_type=output_type, max_sequence_length=self.text_length)
+        return out.images
+
+    def encode_images(self, images, size):
+        vae = self.pipe.vae
+        lat = self.pipe._encode_vae_image((images * 2 - 1).to(vae.device, vae.dtype), generator=None)
+        return self.pipe._pack_latents(lat)
+
+    def forward(self, call, x, t, cond, size):
+        x, pe = self._cast(x, cond["prompt_embeds"])
+        h, w = self._grid(size)
+        img_ids = self.pipe._prepare_latent_ids(x.new_empty(x.shape[0], 1, h, w)).to(x.device)
+        txt_ids = self.pipe._prepare_text_ids(pe).to(x.device)
+        guidance = None
+        if self.denoiser.config.get("guidance_embeds"):
+            guidance = torch.full((x.shape[0],), float(self.guidance or 1.0), device=x.device, dtype=torch.float32)
+        return call(hidden_states=x, timestep=t.to(x.dtype), guidance=guidance, encoder_hidden_states=pe,
+                    txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
 
 
 class QwenImageAdapter(FluxAdapter):
@@ -606,7 +651,8 @@ class SDXLAdapter(SDAdapter):
         return {"text_embeds": pooled, "time_ids": ids}
 
 
-_BUILTIN = (("FluxPipeline", FluxAdapter), ("ChromaPipeline", ChromaAdapter), ("QwenImagePipeline", QwenImageAdapter),
+_BUILTIN = (("FluxPipeline", FluxAdapter), ("ChromaPipeline", ChromaAdapter), ("Flux2Pipeline", Flux2Adapter),
+            ("QwenImagePipeline", QwenImageAdapter),
             ("ZImagePipeline", ZImageAdapter), ("StableDiffusion3Pipeline", SD3Adapter),
             ("StableDiffusionXLPipeline", SDXLAdapter), ("StableDiffusionPipeline", SDAdapter),
             ("WanPipeline", WanAdapter))

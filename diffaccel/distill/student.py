@@ -30,26 +30,29 @@ import copy
 import torch
 
 from ..families import detect_family, select_layers
+from ..projections import PROJECTIONS
 from ..registry import build_options, get_method
 
 __all__ = ["TRAINABLE_METHODS", "Student", "trainable_parameters", "check_method", "full_tensor", "like_param"]
 
 TRAINABLE_METHODS = ("linfusion", "clear", "neighborhood", "moba")
-_PROJ = ("to_q", "to_k", "to_v", "to_out_0", "to_qkv", "to_qkv_mlp_proj")  # PROJECTIONS, to_out as to_out[0]
+
 _STASH = "_diffaccel_teacher"
 
 
 def _get_proj(attn, key):
-    if key == "to_out_0":
-        out = getattr(attn, "to_out", None)
-        return out[0] if isinstance(out, torch.nn.ModuleList) and len(out) else None
+    """The module of projection ``key`` (``PROJECTIONS``) of ``attn``: ``to_out`` is ``to_out[0]`` where it is a
+    ``ModuleList`` (a ``Linear`` + dropout), the module itself elsewhere (FLUX.2's single blocks)."""
     sub = getattr(attn, key, None)
+    if isinstance(sub, torch.nn.ModuleList):
+        return sub[0] if len(sub) else None
     return sub if isinstance(sub, torch.nn.Module) else None
 
 
 def _set_proj(attn, key, module):
-    if key == "to_out_0":
-        attn.to_out[0] = module
+    sub = getattr(attn, key)
+    if isinstance(sub, torch.nn.ModuleList):
+        sub[0] = module
     else:
         setattr(attn, key, module)
 
@@ -122,7 +125,8 @@ class Student:
         copies = {}
         if method != "linfusion":  # the teacher's own copies of the projections, taken before any weights load
             for n, attn in selected:
-                copies[n] = {k: copy.deepcopy(_get_proj(attn, k)) for k in _PROJ if _get_proj(attn, k) is not None}
+                copies[n] = {k: copy.deepcopy(_get_proj(attn, k)) for k in PROJECTIONS
+                           if _get_proj(attn, k) is not None}
         diffaccel.apply(denoiser, method, layers=layers, **options)
         self._stock = stock
         for n in self.layer_names:

@@ -203,19 +203,27 @@ def test_every_family_distils_end_to_end(build, method, options, size, tmp_path)
     diffaccel.remove(pipe)
 
 
-@pytest.mark.parametrize("build,side", [(tiny_chroma_pipeline, 16), (tiny_qwenimage_pipeline, 32),
-                                        (tiny_zimage_pipeline, 32)])
-def test_text_padding_masks_reach_the_denoiser(build, side):
-    """Pipelines with a text padding mask: the adapter's training call hides the padded text (changing the
-    embeddings under the mask changes nothing), as the pipeline's own denoising loop does."""
+def _teacher_batch(build, side, prompts):
+    """(adapter, size, conditioning, the teacher's clean latents) of a tiny pipeline, 2 steps at side x side."""
     pipe = build()
     pipe.set_progress_bar_config(disable=True)
     adapter = adapter_for(pipe)
     size = {"height": side, "width": side}
     with torch.no_grad():
-        cond = adapter.encode_prompts(["a red cat", "the blue dog on a green house at night"])
-        x0 = adapter.generate(None, cond, adapter.encode_uncond(), [torch.Generator().manual_seed(i) for i in (0, 1)],
-                              size, steps=2, guidance=1.0)
+        cond = adapter.encode_prompts(prompts)
+        x0 = adapter.generate(None, cond, adapter.encode_uncond(),
+                              [torch.Generator().manual_seed(i) for i in range(len(prompts))], size, steps=2,
+                              guidance=1.0)
+    return adapter, size, cond, x0
+
+
+@pytest.mark.parametrize("build,side", [(tiny_chroma_pipeline, 16), (tiny_qwenimage_pipeline, 32),
+                                        (tiny_zimage_pipeline, 32)])
+def test_text_padding_masks_reach_the_denoiser(build, side):
+    """Pipelines with a text padding mask: the adapter's training call hides the padded text (changing the
+    embeddings under the mask changes nothing), as the pipeline's own denoising loop does."""
+    adapter, size, cond, x0 = _teacher_batch(build, side, ["a red cat", "the blue dog on a green house at night"])
+    with torch.no_grad():
         g = torch.Generator().manual_seed(0)
         t = adapter.noise_levels(x0, g)
         xt = adapter.noisy(x0, torch.randn(x0.shape, generator=g), t)
@@ -234,14 +242,8 @@ def test_text_padding_masks_reach_the_denoiser(build, side):
 def test_encoded_images_are_laid_out_like_the_teachers_samples(build, side):
     """Recipe (b) on the newer families: VAE latents of images have the layout (packing, channels) of the latents
     the teacher generates, so both recipes feed the same training call."""
-    pipe = build()
-    pipe.set_progress_bar_config(disable=True)
-    adapter = adapter_for(pipe)
-    size = {"height": side, "width": side}
+    adapter, size, cond, x0 = _teacher_batch(build, side, ["a red cat", "a dog"])
     with torch.no_grad():
-        cond = adapter.encode_prompts(["a red cat", "a dog"])
-        x0 = adapter.generate(None, cond, adapter.encode_uncond(), [torch.Generator().manual_seed(i) for i in (0, 1)],
-                              size, steps=2, guidance=1.0)
         images = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0))
         lat = adapter.encode_images(images, size)
         assert lat.shape == x0.shape and torch.isfinite(lat).all()

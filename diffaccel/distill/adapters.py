@@ -180,6 +180,15 @@ def _dynamic_shift(cfg, n_tokens):
     return math.exp(mu)
 
 
+def _normalised_clip_latents(vae, images):
+    """``images`` ``[B, 3, H, W]`` in [0, 1] as one-frame clips through a causal video VAE (Wan's, Qwen-Image's):
+    latents ``[B, C, 1, h, w]`` normalised by the VAE's ``latents_mean`` / ``latents_std``."""
+    lat = vae.encode((images * 2 - 1).unsqueeze(2).to(vae.device, vae.dtype)).latent_dist.mode()
+    mean = torch.tensor(vae.config.latents_mean, device=lat.device, dtype=lat.dtype).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=lat.device, dtype=lat.dtype).view(1, -1, 1, 1, 1)
+    return (lat - mean) / std
+
+
 def _pad_text(embeds, length):
     """Text states of one prompt each (a list of ``[L_i, D]``, or ``[B, L, D]`` with a ``[B, L]`` mask given as
     ``(embeds, mask)``) -> ``([B, length, D]`` zero-padded, ``[B, length]`` 0/1 mask): the data cache stores one
@@ -363,17 +372,8 @@ class QwenImageAdapter(FluxAdapter):
                         output_type=output_type, max_sequence_length=self.text_length)
         return out.images
 
-    def _stats(self, lat):
-        cfg = self.pipe.vae.config
-        mean = torch.tensor(cfg.latents_mean, device=lat.device, dtype=lat.dtype).view(1, -1, 1, 1, 1)
-        std = torch.tensor(cfg.latents_std, device=lat.device, dtype=lat.dtype).view(1, -1, 1, 1, 1)
-        return mean, std
-
     def encode_images(self, images, size):
-        vae = self.pipe.vae
-        lat = vae.encode((images * 2 - 1).unsqueeze(2).to(vae.device, vae.dtype)).latent_dist.mode()
-        mean, std = self._stats(lat)
-        lat = ((lat - mean) / std)[:, :, 0]
+        lat = _normalised_clip_latents(self.pipe.vae, images)[:, :, 0]
         b, c, h, w = lat.shape
         return self.pipe._pack_latents(lat, b, c, h, w)
 
@@ -539,17 +539,8 @@ class WanAdapter(FlowAdapter):
         frames = out.frames
         return frames if output_type == "latent" else [_strip(list(v)) for v in frames]
 
-    def _stats(self, lat):
-        cfg = self.pipe.vae.config
-        mean = torch.tensor(cfg.latents_mean, device=lat.device, dtype=lat.dtype).view(1, -1, 1, 1, 1)
-        std = torch.tensor(cfg.latents_std, device=lat.device, dtype=lat.dtype).view(1, -1, 1, 1, 1)
-        return mean, std
-
     def encode_images(self, images, size):
-        vae = self.pipe.vae
-        lat = vae.encode((images * 2 - 1).unsqueeze(2).to(vae.device, vae.dtype)).latent_dist.mode()
-        mean, std = self._stats(lat)
-        return (lat - mean) / std
+        return _normalised_clip_latents(self.pipe.vae, images)
 
     def forward(self, call, x, t, cond, size):
         x, pe = self._cast(x, cond["prompt_embeds"])

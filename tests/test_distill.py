@@ -26,6 +26,7 @@ from tiny_distill_pipelines import (tiny_chroma_pipeline, tiny_flux_pipeline, ti
                                     tiny_sdxl_pipeline, tiny_wan22_pipeline, tiny_wan_pipeline)
 from tiny_family_pipelines import tiny_qwenimage_pipeline, tiny_zimage_pipeline
 from tiny_flux2_pipeline import tiny_flux2_pipeline
+from tiny_video_pipelines import tiny_cogvideox_pipeline, tiny_hunyuan_video15_pipeline, tiny_hunyuan_video_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = ["--report-to", "none", "--threads", "1"]
@@ -182,9 +183,16 @@ def test_a_few_dozen_steps_shrink_the_gap_to_the_teacher(which, method, options,
     (tiny_qwenimage_pipeline, "clear", ["-o", "radius=2", "-o", "down_factor=2"], ["--height", "32", "--width", "32"]),
     (tiny_zimage_pipeline, "neighborhood", ["-o", "kernel_size=3"], ["--height", "32", "--width", "32"]),
     (tiny_flux2_pipeline, "clear", ["-o", "radius=2"], ["--height", "32", "--width", "32"]),
+    (tiny_cogvideox_pipeline, "neighborhood", ["-o", "kernel_size=(1,3,3)"],
+     ["--height", "16", "--width", "16", "--num-frames", "9"]),
+    (tiny_hunyuan_video_pipeline, "moba", ["-o", "block=(1,2,2)", "-o", "topk=1"],
+     ["--height", "16", "--width", "16", "--num-frames", "5"]),
+    (tiny_hunyuan_video15_pipeline, "neighborhood", ["-o", "kernel_size=(1,3,3)"],
+     ["--height", "16", "--width", "16", "--num-frames", "5"]),
 ])
 def test_every_family_distils_end_to_end(build, method, options, size, tmp_path):
-    """SD3, SDXL, Wan, FLUX.1/.2, Chroma, Qwen-Image and Z-Image pipelines loaded with from_pretrained: teacher samples,
+    """SD3, SDXL, Wan, FLUX.1/.2, Chroma, Qwen-Image, Z-Image, CogVideoX and HunyuanVideo 1.0/1.5 pipelines loaded
+    with from_pretrained: teacher samples,
     two training steps with all three losses, and weights that `diffaccel.apply(pipe, method, weights=...)`
     loads."""
     folder = tmp_path / "pipe"
@@ -204,11 +212,12 @@ def test_every_family_distils_end_to_end(build, method, options, size, tmp_path)
 
 
 def _teacher_batch(build, side, prompts):
-    """(adapter, size, conditioning, the teacher's clean latents) of a tiny pipeline, 2 steps at side x side."""
+    """(adapter, size, conditioning, the teacher's clean latents) of a tiny pipeline, 2 steps at side x side
+    (video: 9 frames)."""
     pipe = build()
     pipe.set_progress_bar_config(disable=True)
     adapter = adapter_for(pipe)
-    size = {"height": side, "width": side}
+    size = {"height": side, "width": side, **({"num_frames": 9} if adapter.video else {})}
     with torch.no_grad():
         cond = adapter.encode_prompts(prompts)
         x0 = adapter.generate(None, cond, adapter.encode_uncond(),
@@ -218,7 +227,8 @@ def _teacher_batch(build, side, prompts):
 
 
 @pytest.mark.parametrize("build,side", [(tiny_chroma_pipeline, 16), (tiny_qwenimage_pipeline, 32),
-                                        (tiny_zimage_pipeline, 32)])
+                                        (tiny_zimage_pipeline, 32), (tiny_hunyuan_video_pipeline, 16),
+                                        (tiny_hunyuan_video15_pipeline, 16)])
 def test_text_padding_masks_reach_the_denoiser(build, side):
     """Pipelines with a text padding mask: the adapter's training call hides the padded text (changing the
     embeddings under the mask changes nothing), as the pipeline's own denoising loop does."""
@@ -228,7 +238,7 @@ def test_text_padding_masks_reach_the_denoiser(build, side):
         t = adapter.noise_levels(x0, g)
         xt = adapter.noisy(x0, torch.randn(x0.shape, generator=g), t)
         ref = adapter.forward(adapter.denoiser, xt, t, cond, size)
-        (mask_key,) = [k for k in cond if "mask" in k]
+        mask_key = next(k for k in ("prompt_attention_mask", "prompt_embeds_mask") if k in cond)
         hidden = cond[mask_key] == 0
         assert hidden[0].any() and not hidden[1].all(), "the short prompt is padded"
         changed = dict(cond, prompt_embeds=torch.where(hidden[..., None], 100.0, cond["prompt_embeds"]))
@@ -238,18 +248,36 @@ def test_text_padding_masks_reach_the_denoiser(build, side):
 
 
 @pytest.mark.parametrize("build,side", [(tiny_chroma_pipeline, 16), (tiny_qwenimage_pipeline, 32),
-                                        (tiny_zimage_pipeline, 32), (tiny_flux2_pipeline, 32)])
+                                        (tiny_zimage_pipeline, 32), (tiny_flux2_pipeline, 32),
+                                        (tiny_cogvideox_pipeline, 16), (tiny_hunyuan_video_pipeline, 16),
+                                        (tiny_hunyuan_video15_pipeline, 16)])
 def test_encoded_images_are_laid_out_like_the_teachers_samples(build, side):
-    """Recipe (b) on the newer families: VAE latents of images have the layout (packing, channels) of the latents
-    the teacher generates, so both recipes feed the same training call."""
+    """Recipe (b) on the newer families: VAE latents of images have the layout (packing, channels, axis order) of
+    the latents the teacher generates, so both recipes feed the same training call; validation pictures come out
+    one per prompt."""
     adapter, size, cond, x0 = _teacher_batch(build, side, ["a red cat", "a dog"])
     with torch.no_grad():
         images = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0))
         lat = adapter.encode_images(images, size)
-        assert lat.shape == x0.shape and torch.isfinite(lat).all()
+        assert torch.isfinite(lat).all()
+        if adapter.video:  # images are one-frame clips: only the frame axis differs
+            differ = [d for d in range(x0.dim()) if lat.shape[d] != x0.shape[d]]
+            assert lat.dim() == x0.dim() and len(differ) == 1 and lat.shape[differ[0]] == 1, (lat.shape, x0.shape)
+        else:
+            assert lat.shape == x0.shape
         t = torch.full((2,), 0.5)
         out = adapter.forward(adapter.denoiser, adapter.noisy(lat, torch.randn_like(lat), t), t, cond, size)
         assert out.shape == adapter.target(lat, lat, t).shape
+        # validation samples: one picture per prompt (videos: the frames side by side)
+        pics = adapter.generate(None, cond, adapter.encode_uncond(), [torch.Generator().manual_seed(i) for i in (0, 1)],
+                                size, steps=2, guidance=1.0, output_type="pil")
+        if isinstance(pics, torch.Tensor):
+            from diffaccel.distill.adapters import pil_images
+
+            pics = pil_images(pics)
+        frames = size.get("num_frames", 1)
+        assert len(pics) == 2 and all(p.size[1] == side and p.size[0] % side == 0 for p in pics), [p.size for p in pics]
+        assert not adapter.video or pics[0].size[0] // side == frames
 
 
 def test_a_scheduler_that_breaks_at_few_steps_is_refused_before_caching(tmp_path):

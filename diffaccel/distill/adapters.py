@@ -6,12 +6,13 @@ An adapter knows, for its pipeline class, how to
 * let the teacher generate clean latents from cached conditioning (data recipe (a)) and encode images into
   latents (recipe (b)) -- the only places the text encoders and the VAE run;
 * noise clean latents, call the denoiser on cached inputs, and give the model's own training target:
-  flow matching (``v = noise - x0``) for FLUX.1/.2, Chroma, Qwen-Image, Z-Image, SD3 and Wan, the scheduler's
-  ``prediction_type`` (epsilon, v-prediction or sample, DDPM noising) for SD 1.5/2.1 and SDXL UNets.
+  flow matching (``v = noise - x0``) for FLUX.1/.2, Chroma, Qwen-Image, Z-Image, SD3, Wan and HunyuanVideo, the
+  scheduler's ``prediction_type`` (epsilon, v-prediction or sample, DDPM noising) for SD 1.5/2.1 and SDXL UNets
+  and CogVideoX (with its SNR shift).
 
 Built in: ``FluxPipeline``, ``ChromaPipeline``, ``Flux2Pipeline``, ``QwenImagePipeline``, ``ZImagePipeline``,
-``StableDiffusion3Pipeline``, ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` and ``WanPipeline`` (and
-subclasses).  Plug-ins (``diffaccel.distill.models``) add
+``StableDiffusion3Pipeline``, ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``WanPipeline`` (2.1 and
+2.2), ``CogVideoXPipeline``, ``HunyuanVideoPipeline`` and ``HunyuanVideo15Pipeline`` (and subclasses).  Plug-ins (``diffaccel.distill.models``) add
 adapters for their own pipelines (the small models).
 
 Conventions: conditioning is a ``{name: tensor}`` dict, batch first; ``size`` is
@@ -25,8 +26,9 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["Adapter", "FlowAdapter", "FluxAdapter", "ChromaAdapter", "Flux2Adapter", "QwenImageAdapter", "ZImageAdapter", "SD3Adapter", "SDAdapter", "SDXLAdapter", "WanAdapter",
-           "adapter_for", "logit_normal_sigmas", "shift_sigmas"]
+__all__ = ["Adapter", "FlowAdapter", "FluxAdapter", "ChromaAdapter", "Flux2Adapter", "QwenImageAdapter", "ZImageAdapter",
+           "SD3Adapter", "SDAdapter", "SDXLAdapter", "WanAdapter", "CogVideoXAdapter", "HunyuanVideoAdapter",
+           "HunyuanVideo15Adapter", "adapter_for", "logit_normal_sigmas", "shift_sigmas"]
 
 
 def logit_normal_sigmas(n, generator, mean=0.0, std=1.0):
@@ -491,6 +493,24 @@ class SD3Adapter(FlowAdapter):
 # ------------------------------------------------------------------------------------------------- Wan
 
 
+def _check_frames(size, multiple, name):
+    if (size["num_frames"] - 1) % multiple:
+        raise ValueError(f"num_frames (--num-frames) - 1 must be a multiple of {multiple} for {name}, "
+                         f"got {size['num_frames']}")
+    return size
+
+
+def _video_frames(out, output_type):
+    """A video pipeline's output: latents, or each video's frames side by side."""
+    frames = out.frames
+    if output_type == "latent":
+        return frames
+    from PIL import Image
+
+    return [_strip([f if isinstance(f, Image.Image) else Image.fromarray((np.asarray(f) * 255).round().astype("uint8"))
+                    for f in v]) for v in frames]
+
+
 class WanAdapter(FlowAdapter):
     """``WanPipeline``: video latents ``[B, C, F', h, w]`` normalised by the VAE's ``latents_mean`` / ``std``;
     UMT5 states (512 tokens).  Wan 2.2 (``transformer_2`` and ``boundary_ratio``): each expert is distilled on its
@@ -518,11 +538,7 @@ class WanAdapter(FlowAdapter):
         return self.pipe.vae_scale_factor_spatial * int(self.denoiser.config.patch_size[1])
 
     def check_size(self, size):
-        size = super().check_size(size)
-        if (size["num_frames"] - 1) % self.pipe.vae_scale_factor_temporal:
-            raise ValueError(f"num_frames (--num-frames) - 1 must be a multiple of "
-                             f"{self.pipe.vae_scale_factor_temporal} for WanPipeline, got {size['num_frames']}")
-        return size
+        return _check_frames(super().check_size(size), self.pipe.vae_scale_factor_temporal, "WanPipeline")
 
     def encode_prompts(self, prompts):
         pe, _ = self.pipe.encode_prompt(prompt=list(prompts), do_classifier_free_guidance=False,
@@ -536,8 +552,7 @@ class WanAdapter(FlowAdapter):
                         height=size["height"], width=size["width"], num_frames=size["num_frames"],
                         num_inference_steps=steps, guidance_scale=guidance, generator=generators,
                         output_type="latent" if output_type == "latent" else "pil")
-        frames = out.frames
-        return frames if output_type == "latent" else [_strip(list(v)) for v in frames]
+        return _video_frames(out, output_type)
 
     def encode_images(self, images, size):
         return _normalised_clip_latents(self.pipe.vae, images)
@@ -559,10 +574,14 @@ class SDAdapter(Adapter):
 
     def __init__(self, pipe):
         super().__init__(pipe)
+        self.noise_scheduler = self.training_scheduler()
+        self.objective = self.noise_scheduler.config.prediction_type
+
+    def training_scheduler(self):
+        """The scheduler whose ``add_noise`` / ``get_velocity`` define training (DDPM on the pipeline's betas)."""
         from diffusers import DDPMScheduler
 
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.objective = self.noise_scheduler.config.prediction_type
+        return DDPMScheduler.from_config(self.pipe.scheduler.config)
 
     def default_size(self):
         s = self.denoiser.config.sample_size * self.pipe.vae_scale_factor
@@ -642,11 +661,183 @@ class SDXLAdapter(SDAdapter):
         return {"text_embeds": pooled, "time_ids": ids}
 
 
+# ------------------------------------------------------------------------------------------------- video
+
+
+class CogVideoXAdapter(SDAdapter):
+    """``CogVideoXPipeline``: latents frames-first ``[B, F', C, h, w]`` scaled by the VAE's ``scaling_factor``; T5
+    states of the transformer's fixed text length; DDPM noising with CogVideoX's SNR shift and the scheduler's
+    ``prediction_type`` (v-prediction) as target, from ``CogVideoXDDIMScheduler``; RoPE (5B / 1.5) built as the
+    pipeline builds it."""
+
+    denoiser_attr = "transformer"
+    video = True
+    default_guidance = 6.0
+
+    def training_scheduler(self):
+        from diffusers import CogVideoXDDIMScheduler
+
+        return CogVideoXDDIMScheduler.from_config(self.pipe.scheduler.config)
+
+    def default_size(self):
+        cfg, f = self.denoiser.config, self.pipe.vae_scale_factor_spatial
+        return {"height": cfg.sample_height * f, "width": cfg.sample_width * f, "num_frames": cfg.sample_frames}
+
+    def size_multiple(self):
+        return 8  # the pipeline's check
+
+    def check_size(self, size):
+        return _check_frames(super().check_size(size), self.pipe.vae_scale_factor_temporal, "CogVideoXPipeline")
+
+    def text_length(self):
+        return int(self.denoiser.config.max_text_seq_length)
+
+    def encode_prompts(self, prompts):
+        pe, _ = self.pipe.encode_prompt(prompt=list(prompts), do_classifier_free_guidance=False, device=self.device,
+                                        max_sequence_length=self.text_length())
+        return {"prompt_embeds": pe}
+
+    def encode_uncond(self):
+        return self.encode_prompts([""])
+
+    def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
+        b = cond["prompt_embeds"].shape[0]
+        out = self.pipe(prompt_embeds=cond["prompt_embeds"],
+                        negative_prompt_embeds=uncond["prompt_embeds"].expand(b, -1, -1), height=size["height"],
+                        width=size["width"], num_frames=size["num_frames"], num_inference_steps=steps,
+                        guidance_scale=guidance, generator=generators,
+                        output_type="latent" if output_type == "latent" else "pil",
+                        max_sequence_length=self.text_length())
+        return _video_frames(out, output_type)
+
+    def encode_images(self, images, size):
+        vae = self.pipe.vae
+        lat = vae.encode((images * 2 - 1).unsqueeze(2).to(vae.device, vae.dtype)).latent_dist.mode()
+        return (lat * vae.config.scaling_factor).permute(0, 2, 1, 3, 4)
+
+    def forward(self, call, x, t, cond, size):
+        x, pe = self._cast(x, cond["prompt_embeds"])
+        rope = None
+        if self.denoiser.config.use_rotary_positional_embeddings:
+            rope = self.pipe._prepare_rotary_positional_embeddings(size["height"], size["width"], x.shape[1], x.device)
+        return call(hidden_states=x, encoder_hidden_states=pe, timestep=t.long().to(x.device), image_rotary_emb=rope,
+                    return_dict=False)[0]
+
+
+class HunyuanVideoAdapter(FlowAdapter):
+    """``HunyuanVideoPipeline`` (1.0): latents ``[B, C, F', h, w]`` scaled by the VAE's ``scaling_factor``; Llama
+    states (256 tokens, right-padded, with their mask) and CLIP's pooled text; the guidance embedding (no
+    classifier-free guidance by default)."""
+
+    video = True
+    default_guidance = 6.0
+
+    def default_size(self):
+        return {"height": 720, "width": 1280, "num_frames": 129}
+
+    def size_multiple(self):
+        return 16  # the pipeline's check
+
+    def check_size(self, size):
+        return _check_frames(super().check_size(size), self.pipe.vae_scale_factor_temporal, "HunyuanVideoPipeline")
+
+    def encode_prompts(self, prompts):
+        pe, pooled, mask = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.device)
+        return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask.float()}
+
+    def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
+        out = self.pipe(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"],
+                        prompt_attention_mask=cond["prompt_attention_mask"].long(), guidance_scale=guidance,
+                        height=size["height"], width=size["width"], num_frames=size["num_frames"],
+                        num_inference_steps=steps, generator=generators,
+                        output_type="latent" if output_type == "latent" else "pil")
+        return _video_frames(out, output_type)
+
+    def encode_images(self, images, size):
+        vae = self.pipe.vae
+        lat = vae.encode((images * 2 - 1).unsqueeze(2).to(vae.device, vae.dtype)).latent_dist.mode()
+        return lat * vae.config.scaling_factor
+
+    def forward(self, call, x, t, cond, size):
+        x, pe, pooled = self._cast(x, cond["prompt_embeds"], cond["pooled_prompt_embeds"])
+        guidance = None
+        if self.denoiser.config.get("guidance_embeds"):
+            guidance = torch.full((x.shape[0],), float(self.guidance or 1.0) * 1000.0, device=x.device, dtype=x.dtype)
+        return call(hidden_states=x, timestep=(t * 1000).to(x.dtype), encoder_hidden_states=pe,
+                    encoder_attention_mask=cond["prompt_attention_mask"].to(x.device, x.dtype),
+                    pooled_projections=pooled, guidance=guidance, return_dict=False)[0]
+
+
+class HunyuanVideo15Adapter(FlowAdapter):
+    """``HunyuanVideo15Pipeline`` (text to video): latents ``[B, C, F', h, w]`` scaled by the VAE's
+    ``scaling_factor``; Qwen2.5-VL states (1000 tokens) and ByT5 glyph states (256) with their masks; the denoiser
+    takes the latents with zero condition latents and mask channel, and zero image embeddings, as the pipeline's
+    text-to-video call does; classifier-free guidance through the pipeline's guider."""
+
+    video = True
+    default_guidance = 6.0
+
+    def default_size(self):
+        w, h = self.pipe.default_aspect_ratio
+        height, width = self.pipe.video_processor.calculate_default_height_width(h, w, self.pipe.target_size)
+        return {"height": int(height), "width": int(width), "num_frames": 121}
+
+    def size_multiple(self):
+        return self.pipe.vae_scale_factor_spatial * int(self.denoiser.config.patch_size)
+
+    def check_size(self, size):
+        return _check_frames(super().check_size(size), self.pipe.vae_scale_factor_temporal, "HunyuanVideo15Pipeline")
+
+    _KEYS = ("prompt_embeds", "prompt_embeds_mask", "prompt_embeds_2", "prompt_embeds_mask_2")
+
+    def encode_prompts(self, prompts):
+        out = self.pipe.encode_prompt(prompt=list(prompts), device=self.device, batch_size=len(prompts))
+        return dict(zip(self._KEYS, out))
+
+    def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
+        b = cond["prompt_embeds"].shape[0]
+        if output_type != "latent" and b > 1:  # its VAE decodes one video at a time (see encode_images)
+            return [v for i in range(b) for v in self.generate(
+                prompts, {k: t[i:i + 1] for k, t in cond.items()}, uncond, generators[i:i + 1], size, steps=steps,
+                guidance=guidance, output_type=output_type)]
+        negatives = {f"negative_{k}": v.expand(b, *v.shape[1:]) for k, v in uncond.items()}
+        guider = self.pipe.guider
+        self.pipe.guider = guider.new(guidance_scale=guidance)
+        try:
+            out = self.pipe(**cond, **negatives, height=size["height"], width=size["width"],
+                            num_frames=size["num_frames"], num_inference_steps=steps, generator=generators,
+                            output_type="latent" if output_type == "latent" else "pil")
+        finally:
+            self.pipe.guider = guider
+        return _video_frames(out, output_type)
+
+    def encode_images(self, images, size):
+        # one image at a time: AutoencoderKLHunyuanVideo15's causal attention mask does not broadcast over a batch
+        # (diffusers 0.42)
+        vae = self.pipe.vae
+        clips = (images * 2 - 1).unsqueeze(2).to(vae.device, vae.dtype)
+        lat = torch.cat([vae.encode(c[None]).latent_dist.mode() for c in clips])
+        return lat * vae.config.scaling_factor
+
+    def forward(self, call, x, t, cond, size):
+        (x,) = self._cast(x)
+        pe, pe2 = self._cast(cond["prompt_embeds"], cond["prompt_embeds_2"])
+        b, c, f, h, w = x.shape
+        hidden = torch.cat([x, x.new_zeros(b, c, f, h, w), x.new_zeros(b, 1, f, h, w)], dim=1)
+        image_embeds = x.new_zeros(b, self.pipe.vision_num_semantic_tokens, self.pipe.vision_states_dim)
+        return call(hidden_states=hidden, image_embeds=image_embeds, timestep=(t * 1000).to(x.dtype),
+                    encoder_hidden_states=pe, encoder_attention_mask=cond["prompt_embeds_mask"].to(x.device, x.dtype),
+                    encoder_hidden_states_2=pe2,
+                    encoder_attention_mask_2=cond["prompt_embeds_mask_2"].to(x.device, x.dtype),
+                    return_dict=False)[0]
+
+
 _BUILTIN = (("FluxPipeline", FluxAdapter), ("ChromaPipeline", ChromaAdapter), ("Flux2Pipeline", Flux2Adapter),
             ("QwenImagePipeline", QwenImageAdapter),
             ("ZImagePipeline", ZImageAdapter), ("StableDiffusion3Pipeline", SD3Adapter),
             ("StableDiffusionXLPipeline", SDXLAdapter), ("StableDiffusionPipeline", SDAdapter),
-            ("WanPipeline", WanAdapter))
+            ("WanPipeline", WanAdapter), ("CogVideoXPipeline", CogVideoXAdapter),
+            ("HunyuanVideoPipeline", HunyuanVideoAdapter), ("HunyuanVideo15Pipeline", HunyuanVideo15Adapter))
 SUPPORTED = tuple(name for name, _ in _BUILTIN)
 
 

@@ -26,6 +26,7 @@ from tiny_distill_pipelines import (tiny_chroma_pipeline, tiny_flux_pipeline, ti
                                     tiny_sdxl_pipeline, tiny_wan22_pipeline, tiny_wan_pipeline)
 from tiny_family_pipelines import tiny_qwenimage_pipeline, tiny_zimage_pipeline
 from tiny_flux2_pipeline import tiny_flux2_pipeline
+from tiny_more_pipelines import tiny_qwenimage21_pipeline
 from tiny_video_pipelines import tiny_cogvideox_pipeline, tiny_hunyuan_video15_pipeline, tiny_hunyuan_video_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,6 +184,7 @@ def test_a_few_dozen_steps_shrink_the_gap_to_the_teacher(which, method, options,
     (tiny_qwenimage_pipeline, "clear", ["-o", "radius=2", "-o", "down_factor=2"], ["--height", "32", "--width", "32"]),
     (tiny_zimage_pipeline, "neighborhood", ["-o", "kernel_size=3"], ["--height", "32", "--width", "32"]),
     (tiny_flux2_pipeline, "clear", ["-o", "radius=2"], ["--height", "32", "--width", "32"]),
+    (tiny_qwenimage21_pipeline, "moba", ["-o", "block=2", "-o", "topk=1"], ["--height", "64", "--width", "64"]),
     (tiny_cogvideox_pipeline, "neighborhood", ["-o", "kernel_size=(1,3,3)"],
      ["--height", "16", "--width", "16", "--num-frames", "9"]),
     (tiny_hunyuan_video_pipeline, "moba", ["-o", "block=(1,2,2)", "-o", "topk=1"],
@@ -191,7 +193,7 @@ def test_a_few_dozen_steps_shrink_the_gap_to_the_teacher(which, method, options,
      ["--height", "16", "--width", "16", "--num-frames", "5"]),
 ])
 def test_every_family_distils_end_to_end(build, method, options, size, tmp_path):
-    """SD3, SDXL, Wan, FLUX.1/.2, Chroma, Qwen-Image, Z-Image, CogVideoX and HunyuanVideo 1.0/1.5 pipelines loaded
+    """SD3, SDXL, Wan, FLUX.1/.2, Chroma, Qwen-Image (2.1), Z-Image, CogVideoX and HunyuanVideo 1.0/1.5 pipelines loaded
     with from_pretrained: teacher samples,
     two training steps with all three losses, and weights that `diffaccel.apply(pipe, method, weights=...)`
     loads."""
@@ -227,8 +229,8 @@ def _teacher_batch(build, side, prompts):
 
 
 @pytest.mark.parametrize("build,side", [(tiny_chroma_pipeline, 16), (tiny_qwenimage_pipeline, 32),
-                                        (tiny_zimage_pipeline, 32), (tiny_hunyuan_video_pipeline, 16),
-                                        (tiny_hunyuan_video15_pipeline, 16)])
+                                        (tiny_zimage_pipeline, 32), (tiny_qwenimage21_pipeline, 64),
+                                        (tiny_hunyuan_video_pipeline, 16), (tiny_hunyuan_video15_pipeline, 16)])
 def test_text_padding_masks_reach_the_denoiser(build, side):
     """Pipelines with a text padding mask: the adapter's training call hides the padded text (changing the
     embeddings under the mask changes nothing), as the pipeline's own denoising loop does."""
@@ -249,7 +251,7 @@ def test_text_padding_masks_reach_the_denoiser(build, side):
 
 @pytest.mark.parametrize("build,side", [(tiny_chroma_pipeline, 16), (tiny_qwenimage_pipeline, 32),
                                         (tiny_zimage_pipeline, 32), (tiny_flux2_pipeline, 32),
-                                        (tiny_cogvideox_pipeline, 16), (tiny_hunyuan_video_pipeline, 16),
+                                        (tiny_qwenimage21_pipeline, 64), (tiny_cogvideox_pipeline, 16), (tiny_hunyuan_video_pipeline, 16),
                                         (tiny_hunyuan_video15_pipeline, 16)])
 def test_encoded_images_are_laid_out_like_the_teachers_samples(build, side):
     """Recipe (b) on the newer families: VAE latents of images have the layout (packing, channels, axis order) of

@@ -10,10 +10,11 @@ An adapter knows, for its pipeline class, how to
   scheduler's ``prediction_type`` (epsilon, v-prediction or sample, DDPM noising) for SD 1.5/2.1 and SDXL UNets
   and CogVideoX (with its SNR shift).
 
-Built in: ``FluxPipeline``, ``ChromaPipeline``, ``Flux2Pipeline``, ``QwenImagePipeline``, ``ZImagePipeline``,
-``StableDiffusion3Pipeline``, ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``WanPipeline`` (2.1 and
-2.2), ``CogVideoXPipeline``, ``HunyuanVideoPipeline`` and ``HunyuanVideo15Pipeline`` (and subclasses).  Plug-ins (``diffaccel.distill.models``) add
-adapters for their own pipelines (the small models).
+Built in: ``FluxPipeline``, ``ChromaPipeline``, ``Flux2Pipeline``, ``QwenImagePipeline``, ``QwenImage21Pipeline``,
+``ZImagePipeline``, ``StableDiffusion3Pipeline``, ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+``WanPipeline`` (2.1 and 2.2), ``CogVideoXPipeline``, ``HunyuanVideoPipeline`` and ``HunyuanVideo15Pipeline`` (and
+subclasses: the adapter of the nearest class wins).  Plug-ins (``diffaccel.distill.models``) add adapters for their
+own pipelines (the small models).
 
 Conventions: conditioning is a ``{name: tensor}`` dict, batch first; ``size`` is
 ``{"height": H, "width": W}`` (+ ``"num_frames"`` for video) in pixels; ``call`` is the denoiser to run
@@ -26,9 +27,10 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["Adapter", "FlowAdapter", "FluxAdapter", "ChromaAdapter", "Flux2Adapter", "QwenImageAdapter", "ZImageAdapter",
-           "SD3Adapter", "SDAdapter", "SDXLAdapter", "WanAdapter", "CogVideoXAdapter", "HunyuanVideoAdapter",
-           "HunyuanVideo15Adapter", "adapter_for", "logit_normal_sigmas", "shift_sigmas"]
+__all__ = ["Adapter", "FlowAdapter", "FluxAdapter", "ChromaAdapter", "Flux2Adapter", "QwenImageAdapter",
+           "QwenImage21Adapter", "ZImageAdapter", "SD3Adapter", "SDAdapter", "SDXLAdapter", "WanAdapter",
+           "CogVideoXAdapter", "HunyuanVideoAdapter", "HunyuanVideo15Adapter", "adapter_for", "logit_normal_sigmas",
+           "shift_sigmas"]
 
 
 def logit_normal_sigmas(n, generator, mean=0.0, std=1.0):
@@ -390,6 +392,57 @@ class QwenImageAdapter(FluxAdapter):
         return call(hidden_states=x, timestep=t.to(x.dtype), guidance=guidance, encoder_hidden_states=pe,
                     encoder_hidden_states_mask=mask.to(x.device), img_shapes=[[(1, h, w)]] * x.shape[0],
                     return_dict=False)[0]
+
+
+class QwenImage21Adapter(QwenImageAdapter):
+    """``QwenImage21Pipeline`` (text to image): latents flattened without patching ``[B, h*w, C]`` (a 16x VAE on
+    RGBA), normalised by ``latents_mean`` / ``std``; Qwen3-VL states padded to ``text_length`` with their mask;
+    ``img_mask`` (no condition images, one slot per 2x2 group of target latents) and ``img_shapes`` as the pipeline
+    builds them; the KV cache is a sampling device and stays off in training."""
+
+    default_guidance = 1.0  # the pipeline's true_cfg_scale default (no classifier-free guidance)
+
+    def default_size(self):
+        return {"height": 1024, "width": 1024}
+
+    def _grid(self, size):
+        f = self.pipe.vae_scale_factor
+        return size["height"] // f, size["width"] // f
+
+    def encode_prompts(self, prompts):
+        pe, mask, _ = self.pipe.encode_prompt(prompt=list(prompts), device=self.device)
+        pe, mask = _pad_text((pe, mask), self.text_length)
+        return {"prompt_embeds": pe, "prompt_embeds_mask": mask}
+
+    def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
+        b = cond["prompt_embeds"].shape[0]
+        pe, mask = self._text(cond)
+        npe, nmask = self._text(uncond)
+        out = self.pipe(prompt_embeds=pe, prompt_embeds_mask=mask, negative_prompt_embeds=npe.expand(b, -1, -1),
+                        negative_prompt_embeds_mask=nmask.expand(b, -1), true_cfg_scale=guidance,
+                        height=size["height"], width=size["width"], num_inference_steps=steps, generator=generators,
+                        output_type=output_type)
+        return out.images
+
+    def encode_images(self, images, size):
+        vae = self.pipe.vae
+        rgba = torch.cat([images, torch.ones_like(images[:, :1])], dim=1) * 2 - 1  # opaque
+        lat = self.pipe._encode_vae_image(rgba.unsqueeze(2).to(vae.device, vae.dtype), generator=None)[:, :, 0]
+        b, c, h, w = lat.shape
+        return self.pipe._pack_latents(lat, b, c, h, w)
+
+    def forward(self, call, x, t, cond, size):
+        (x,) = self._cast(x)
+        pe, mask = self._text(cond)
+        (pe,) = self._cast(pe)
+        h, w = self._grid(size)
+        b, n = x.shape[:2]
+        img_mask = torch.cat([torch.zeros(b, pe.shape[1], dtype=torch.bool, device=x.device),
+                              torch.ones(b, n // 4, dtype=torch.bool, device=x.device)], dim=1)
+        out = call(hidden_states=x, timestep=t.to(x.dtype), encoder_hidden_states=pe,
+                   encoder_hidden_states_mask=mask.to(x.device), img_shapes=[[(1, h, w)]] * b, img_mask=img_mask,
+                   return_dict=False)[0]
+        return out[:, -n:]
 
 
 class ZImageAdapter(FlowAdapter):
@@ -833,7 +886,7 @@ class HunyuanVideo15Adapter(FlowAdapter):
 
 
 _BUILTIN = (("FluxPipeline", FluxAdapter), ("ChromaPipeline", ChromaAdapter), ("Flux2Pipeline", Flux2Adapter),
-            ("QwenImagePipeline", QwenImageAdapter),
+            ("QwenImage21Pipeline", QwenImage21Adapter), ("QwenImagePipeline", QwenImageAdapter),
             ("ZImagePipeline", ZImageAdapter), ("StableDiffusion3Pipeline", SD3Adapter),
             ("StableDiffusionXLPipeline", SDXLAdapter), ("StableDiffusionPipeline", SDAdapter),
             ("WanPipeline", WanAdapter), ("CogVideoXPipeline", CogVideoXAdapter),
@@ -850,10 +903,10 @@ def adapter_for(pipe) -> Adapter:
         a = p.adapter(pipe)
         if a is not None:
             return a
-    names = [c.__name__ for c in type(pipe).__mro__]
-    for name, cls in _BUILTIN:
-        if name in names:
-            return cls(pipe)
+    builtin = dict(_BUILTIN)
+    for c in type(pipe).__mro__:  # the most specific class first
+        if c.__name__ in builtin:
+            return builtin[c.__name__](pipe)
     raise ValueError(f"model (--model): distillation does not know the pipeline {type(pipe).__name__}; it supports "
                      f"{', '.join(SUPPORTED)} and the shipped small models")
 

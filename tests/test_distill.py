@@ -26,7 +26,7 @@ from tiny_distill_pipelines import (tiny_chroma_pipeline, tiny_flux_pipeline, ti
                                     tiny_sdxl_pipeline, tiny_wan22_pipeline, tiny_wan_pipeline)
 from tiny_family_pipelines import tiny_qwenimage_pipeline, tiny_zimage_pipeline
 from tiny_flux2_pipeline import tiny_flux2_pipeline
-from tiny_more_pipelines import tiny_qwenimage21_pipeline
+from tiny_more_pipelines import tiny_ltx2_pipeline, tiny_qwenimage21_pipeline
 from tiny_video_pipelines import tiny_cogvideox_pipeline, tiny_hunyuan_video15_pipeline, tiny_hunyuan_video_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,16 +191,20 @@ def test_a_few_dozen_steps_shrink_the_gap_to_the_teacher(which, method, options,
      ["--height", "16", "--width", "16", "--num-frames", "5"]),
     (tiny_hunyuan_video15_pipeline, "neighborhood", ["-o", "kernel_size=(1,3,3)"],
      ["--height", "16", "--width", "16", "--num-frames", "5"]),
+    (tiny_ltx2_pipeline, "neighborhood", ["-o", "kernel_size=(1,3,3)"],
+     ["--height", "32", "--width", "32", "--num-frames", "9"]),
 ])
 def test_every_family_distils_end_to_end(build, method, options, size, tmp_path):
-    """SD3, SDXL, Wan, FLUX.1/.2, Chroma, Qwen-Image (2.1), Z-Image, CogVideoX and HunyuanVideo 1.0/1.5 pipelines loaded
+    """SD3, SDXL, Wan, FLUX.1/.2, Chroma, Qwen-Image (2.1), Z-Image, CogVideoX, HunyuanVideo 1.0/1.5 and LTX-2
+    pipelines loaded
     with from_pretrained: teacher samples,
     two training steps with all three losses, and weights that `diffaccel.apply(pipe, method, weights=...)`
     loads."""
     folder = tmp_path / "pipe"
     build().save_pretrained(folder)
     out = tmp_path / "run"
-    steps = "2" if build is tiny_qwenimage_pipeline else "1"  # its terminal shift divides by zero at one step
+    # a terminal shift (Qwen-Image's, LTX-2's) divides by zero at one step
+    steps = "2" if build in (tiny_qwenimage_pipeline, tiny_ltx2_pipeline) else "1"
     distill(["--method", method, "--model", str(folder), *options, "--output", str(out), *size, "--num-samples", "2",
              "--generation-steps", steps, "--batch-size", "2", "--max-steps", "2", "--checkpoint-every", "0", *QUIET])
     info = json.loads((out / "training.json").read_text())
@@ -280,6 +284,54 @@ def test_encoded_images_are_laid_out_like_the_teachers_samples(build, side):
         frames = size.get("num_frames", 1)
         assert len(pics) == 2 and all(p.size[1] == side and p.size[0] % side == 0 for p in pics), [p.size for p in pics]
         assert not adapter.video or pics[0].size[0] // side == frames
+
+
+def test_ltx2_training_call_is_the_pipelines_denoiser_call():
+    """LTX-2 (video + audio in one flat sample): the adapter's call on the latents the pipeline's denoiser sees at
+    its first step (guidance off) gives exactly the velocities the pipeline gets, so layout, coordinates, text
+    contexts and timestep match the sampling loop; a teacher sample is one flat tensor per prompt."""
+    pipe = tiny_ltx2_pipeline()
+    adapter = adapter_for(pipe)
+    size = {"height": 32, "width": 32, "num_frames": 9}
+    adapter.size = size
+    seen = {}
+
+    def grab(module, args, kwargs, output):
+        seen.setdefault("call", (kwargs, output))
+
+    handle = pipe.transformer.register_forward_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        try:
+            pipe(prompt=["a red cat"], height=32, width=32, num_frames=9, num_inference_steps=2, guidance_scale=1.0,
+                 audio_guidance_scale=1.0, stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0,
+                 audio_modality_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="latent")
+        finally:
+            handle.remove()
+        kwargs, (v_video, v_audio) = seen["call"]
+        x = torch.cat([kwargs["hidden_states"].flatten(1), kwargs["audio_hidden_states"].flatten(1)], dim=1)
+        t = kwargs["timestep"].float() / 1000
+        cond = adapter.encode_prompts(["a red cat"])
+        out = adapter.forward(adapter.denoiser, x, t, cond, size)
+        torch.testing.assert_close(out, torch.cat([v_video.flatten(1), v_audio.flatten(1)], dim=1))
+        x0 = adapter.generate(["a red cat", "a dog"], None, None, [torch.Generator().manual_seed(i) for i in (0, 1)],
+                              size, steps=2, guidance=1.0)
+        assert x0.shape == (2, x.shape[1]) and torch.isfinite(x0).all()
+    with pytest.raises(ValueError, match=r"data \(--data\)"):
+        adapter.encode_images(torch.rand(1, 3, 32, 32), size)
+
+
+def test_ltx2_refuses_images_with_captions_before_anything_is_written(tmp_path):
+    from PIL import Image
+
+    folder, data, out = tmp_path / "pipe", tmp_path / "images", tmp_path / "run"
+    tiny_ltx2_pipeline().save_pretrained(folder)
+    data.mkdir()
+    Image.new("RGB", (32, 32)).save(data / "a.png")
+    (data / "a.txt").write_text("a red cat")
+    with pytest.raises(ValueError, match=r"data \(--data\): LTX2Pipeline cannot be trained on images"):
+        distill(["--method", "neighborhood", "-o", "kernel_size=(1,3,3)", "--model", str(folder), "--data", str(data),
+                 "--output", str(out), "--height", "32", "--width", "32", "--num-frames", "9", *QUIET])
+    assert not out.exists()
 
 
 def test_a_scheduler_that_breaks_at_few_steps_is_refused_before_caching(tmp_path):

@@ -12,7 +12,8 @@ An adapter knows, for its pipeline class, how to
 
 Built in: ``FluxPipeline``, ``ChromaPipeline``, ``Flux2Pipeline``, ``QwenImagePipeline``, ``QwenImage21Pipeline``,
 ``ZImagePipeline``, ``StableDiffusion3Pipeline``, ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
-``WanPipeline`` (2.1 and 2.2), ``CogVideoXPipeline``, ``HunyuanVideoPipeline`` and ``HunyuanVideo15Pipeline`` (and
+``WanPipeline`` (2.1 and 2.2), ``CogVideoXPipeline``, ``HunyuanVideoPipeline``, ``HunyuanVideo15Pipeline`` and
+``LTX2Pipeline`` (and
 subclasses: the adapter of the nearest class wins).  Plug-ins (``diffaccel.distill.models``) add adapters for their
 own pipelines (the small models).
 
@@ -29,7 +30,7 @@ import torch
 
 __all__ = ["Adapter", "FlowAdapter", "FluxAdapter", "ChromaAdapter", "Flux2Adapter", "QwenImageAdapter",
            "QwenImage21Adapter", "ZImageAdapter", "SD3Adapter", "SDAdapter", "SDXLAdapter", "WanAdapter",
-           "CogVideoXAdapter", "HunyuanVideoAdapter", "HunyuanVideo15Adapter", "adapter_for", "logit_normal_sigmas",
+           "CogVideoXAdapter", "HunyuanVideoAdapter", "HunyuanVideo15Adapter", "LTX2Adapter", "adapter_for", "logit_normal_sigmas",
            "shift_sigmas"]
 
 
@@ -59,6 +60,8 @@ class Adapter:
 
     denoiser_attr = "transformer"
     video = False
+    #: recipe (b) (images with captions) can train it
+    supports_images = True
     #: "flow" (v = noise - x0) or the scheduler's prediction type: "epsilon", "v_prediction", "sample"
     objective = "flow"
     #: the teacher's guidance scale when --guidance-scale is not given (the pipeline's usual value)
@@ -68,6 +71,7 @@ class Adapter:
         self.pipe = pipe
         self.dtype = None  # the dtype inputs are cast to before the denoiser (set by the trainer)
         self.guidance = None  # the guidance scale of the run (FLUX feeds it to its guidance embedding)
+        self.size = None  # the run's sample size (set by the trainer)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -885,12 +889,121 @@ class HunyuanVideo15Adapter(FlowAdapter):
                     return_dict=False)[0]
 
 
+class LTX2Adapter(FlowAdapter):
+    """``LTX2Pipeline`` (LTX-2: video with its audio, one denoiser).  A sample is the video and the audio latents
+    the denoiser works on (normalised, packed ``[B, N, C]`` and ``[B, L, C*M]``), flattened into one ``[B, D]``
+    tensor so the flow loss covers both; :meth:`forward` splits it, runs the joint call as the pipeline's denoising
+    loop does (coordinates, ``fps``, cross timestep) and flattens both velocities back.  The text is cached after
+    LTX-2's connectors (the video and audio contexts and their mask): the Gemma states before them stack every
+    layer.  The teacher's samples come from the prompts themselves with the pipeline's own guidance (CFG, STG,
+    modality guidance at ``--guidance-scale``); images with captions cannot train it (no audio)."""
+
+    video = True
+    supports_images = False
+    default_guidance = 3.0
+    frame_rate = 24.0  # the pipeline's default
+    text_length = 1024  # the pipeline's max_sequence_length
+
+    def default_size(self):
+        return {"height": 512, "width": 768, "num_frames": 121}
+
+    def size_multiple(self):
+        return self.pipe.vae_spatial_compression_ratio
+
+    def check_size(self, size):
+        return _check_frames(super().check_size(size), self.pipe.vae_temporal_compression_ratio, "LTX2Pipeline")
+
+    # -- the latent layout of one sample
+    def _layout(self, size):
+        p = self.pipe
+        f = (size["num_frames"] - 1) // p.vae_temporal_compression_ratio + 1
+        h, w = size["height"] // p.vae_spatial_compression_ratio, size["width"] // p.vae_spatial_compression_ratio
+        per_second = p.audio_sampling_rate / p.audio_hop_length / float(p.audio_vae_temporal_compression_ratio)
+        audio_frames = round(size["num_frames"] / self.frame_rate * per_second)
+        mel = p.audio_vae.config.mel_bins // p.audio_vae_mel_compression_ratio
+        return f, h, w, audio_frames, mel
+
+    def _flat(self, video, audio):
+        """Denormalised unpacked latents (the pipeline's ``output_type="latent"``) -> ``[B, D]``."""
+        p = self.pipe
+        v = p._pack_latents(p._normalize_latents(video.float(), p.vae.latents_mean, p.vae.latents_std,
+                                                 p.vae.config.scaling_factor),
+                            p.transformer_spatial_patch_size, p.transformer_temporal_patch_size)
+        a = p._normalize_audio_latents(p._pack_audio_latents(audio.float()), p.audio_vae.latents_mean,
+                                       p.audio_vae.latents_std)
+        return torch.cat([v.flatten(1), a.flatten(1)], dim=1)
+
+    def _split(self, x, size):
+        f, h, w, audio_frames, _ = self._layout(size)
+        n = f * h * w // (self.pipe.transformer_spatial_patch_size ** 2 * self.pipe.transformer_temporal_patch_size)
+        cv = int(self.denoiser.config.in_channels)
+        video = x[:, :n * cv].reshape(x.shape[0], n, cv)
+        audio = x[:, n * cv:].reshape(x.shape[0], audio_frames, -1)
+        return video, audio
+
+    def shift(self, x0):
+        """The pipeline's ``mu`` at the run's number of video tokens (``self.size``, set by the trainer)."""
+        cfg = self.pipe.scheduler.config
+        size = self.size or self.default_size()
+        f, h, w, _, _ = self._layout(size)
+        n = f * h * w // (self.pipe.transformer_spatial_patch_size ** 2 * self.pipe.transformer_temporal_patch_size)
+        return _dynamic_shift(dict(cfg, base_image_seq_len=cfg.get("base_image_seq_len", 1024),
+                                   base_shift=cfg.get("base_shift", 0.95), max_shift=cfg.get("max_shift", 2.05)),
+                              n) or super().shift(x0)
+
+    # -- text
+    def encode_prompts(self, prompts):
+        pe, mask, _, _ = self.pipe.encode_prompt(prompt=list(prompts), do_classifier_free_guidance=False,
+                                                 device=self.device, max_sequence_length=self.text_length)
+        side = getattr(self.pipe.tokenizer, "padding_side", "left")
+        video_ctx, audio_ctx, ctx_mask = self.pipe.connectors(pe, mask, padding_side=side)
+        return {"video_context": video_ctx, "audio_context": audio_ctx, "context_mask": ctx_mask.float()}
+
+    def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
+        if prompts is None:
+            raise ValueError("LTX2Pipeline's teacher samples are generated from the prompts themselves")
+        out = self.pipe(prompt=list(prompts), negative_prompt=[""] * len(prompts), height=size["height"],
+                        width=size["width"], num_frames=size["num_frames"], frame_rate=self.frame_rate,
+                        num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                        output_type="latent" if output_type == "latent" else "pil",
+                        max_sequence_length=self.text_length)
+        if output_type == "latent":
+            return self._flat(out.frames, out.audio)
+        return _video_frames(out, output_type)
+
+    def encode_images(self, images, size):
+        raise ValueError("data (--data): LTX-2 learns video with its audio; images with captions cannot train it")
+
+    def forward(self, call, x, t, cond, size):
+        from diffusers.pipelines.ltx2.utils import conditioning_frame_rate
+
+        (x,) = self._cast(x)
+        video, audio = self._split(x, size)
+        video_ctx, audio_ctx = self._cast(cond["video_context"], cond["audio_context"])
+        mask = cond["context_mask"].to(x.device, x.dtype)
+        f, h, w, audio_frames, _ = self._layout(size)
+        b = x.shape[0]
+        fps = conditioning_frame_rate(self.frame_rate, 1.0)
+        video_coords = self.denoiser.rope.prepare_video_coords(b, f, h, w, x.device, fps=fps)
+        audio_coords = self.denoiser.audio_rope.prepare_audio_coords(b, audio_frames, x.device)
+        timestep = (t * 1000).to(x.dtype)
+        v_video, v_audio = call(hidden_states=video, audio_hidden_states=audio, encoder_hidden_states=video_ctx,
+                                audio_encoder_hidden_states=audio_ctx, timestep=timestep, sigma=timestep,
+                                encoder_attention_mask=mask, audio_encoder_attention_mask=mask, num_frames=f, height=h,
+                                width=w, fps=fps, audio_num_frames=audio_frames, video_coords=video_coords,
+                                audio_coords=audio_coords, isolate_modalities=False,
+                                spatio_temporal_guidance_blocks=None, perturbation_mask=None, use_cross_timestep=True,
+                                return_dict=False)
+        return torch.cat([v_video.flatten(1), v_audio.flatten(1)], dim=1)
+
+
 _BUILTIN = (("FluxPipeline", FluxAdapter), ("ChromaPipeline", ChromaAdapter), ("Flux2Pipeline", Flux2Adapter),
             ("QwenImage21Pipeline", QwenImage21Adapter), ("QwenImagePipeline", QwenImageAdapter),
             ("ZImagePipeline", ZImageAdapter), ("StableDiffusion3Pipeline", SD3Adapter),
             ("StableDiffusionXLPipeline", SDXLAdapter), ("StableDiffusionPipeline", SDAdapter),
             ("WanPipeline", WanAdapter), ("CogVideoXPipeline", CogVideoXAdapter),
-            ("HunyuanVideoPipeline", HunyuanVideoAdapter), ("HunyuanVideo15Pipeline", HunyuanVideo15Adapter))
+            ("HunyuanVideoPipeline", HunyuanVideoAdapter), ("HunyuanVideo15Pipeline", HunyuanVideo15Adapter),
+            ("LTX2Pipeline", LTX2Adapter))
 SUPPORTED = tuple(name for name, _ in _BUILTIN)
 
 

@@ -309,6 +309,10 @@ def run(args) -> dict:
         if getattr(args, key, None) is not None:
             size[key] = getattr(args, key)
     size = adapter.check_size(size)
+    adapter.size = size
+    if source is not None and not adapter.supports_images:
+        raise ValueError(f"data (--data): {type(pipe).__name__} cannot be trained on images with captions (it "
+                         "generates more than pictures); use --prompts")
     plugin = plugin_for(pipe)
     if source is None and prompts is None:
         prompts = plugin.default_prompts(pipe, args.num_samples, args.seed) if plugin is not None else \

@@ -255,8 +255,8 @@ def test_text_padding_masks_reach_the_denoiser(build, side):
 
 @pytest.mark.parametrize("build,side", [(tiny_chroma_pipeline, 16), (tiny_qwenimage_pipeline, 32),
                                         (tiny_zimage_pipeline, 32), (tiny_flux2_pipeline, 32),
-                                        (tiny_qwenimage21_pipeline, 64), (tiny_cogvideox_pipeline, 16), (tiny_hunyuan_video_pipeline, 16),
-                                        (tiny_hunyuan_video15_pipeline, 16)])
+                                        (tiny_qwenimage21_pipeline, 64), (tiny_cogvideox_pipeline, 16),
+                                        (tiny_hunyuan_video_pipeline, 16), (tiny_hunyuan_video15_pipeline, 16)])
 def test_encoded_images_are_laid_out_like_the_teachers_samples(build, side):
     """Recipe (b) on the newer families: VAE latents of images have the layout (packing, channels, axis order) of
     the latents the teacher generates, so both recipes feed the same training call; validation pictures come out

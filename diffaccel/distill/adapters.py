@@ -30,8 +30,8 @@ import torch
 
 __all__ = ["Adapter", "FlowAdapter", "FluxAdapter", "ChromaAdapter", "Flux2Adapter", "QwenImageAdapter",
            "QwenImage21Adapter", "ZImageAdapter", "SD3Adapter", "SDAdapter", "SDXLAdapter", "WanAdapter",
-           "CogVideoXAdapter", "HunyuanVideoAdapter", "HunyuanVideo15Adapter", "LTX2Adapter", "adapter_for", "logit_normal_sigmas",
-           "shift_sigmas"]
+           "CogVideoXAdapter", "HunyuanVideoAdapter", "HunyuanVideo15Adapter", "LTX2Adapter", "adapter_for",
+           "logit_normal_sigmas", "shift_sigmas"]
 
 
 def logit_normal_sigmas(n, generator, mean=0.0, std=1.0):
@@ -377,19 +377,28 @@ class QwenImageAdapter(FluxAdapter):
         out = self.pipe(prompt_embeds=pe, prompt_embeds_mask=mask, negative_prompt_embeds=npe.expand(b, -1, -1),
                         negative_prompt_embeds_mask=nmask.expand(b, -1), true_cfg_scale=guidance,
                         height=size["height"], width=size["width"], num_inference_steps=steps, generator=generators,
-                        output_type=output_type, max_sequence_length=self.text_length)
+                        output_type=output_type, **self._call_options())
         return out.images
 
-    def encode_images(self, images, size):
-        lat = _normalised_clip_latents(self.pipe.vae, images)[:, :, 0]
+    def _call_options(self):
+        return {"max_sequence_length": self.text_length}
+
+    def _pack(self, lat):
         b, c, h, w = lat.shape
         return self.pipe._pack_latents(lat, b, c, h, w)
 
-    def forward(self, call, x, t, cond, size):
+    def encode_images(self, images, size):
+        return self._pack(_normalised_clip_latents(self.pipe.vae, images)[:, :, 0])
+
+    def _inputs(self, x, cond, size):
+        """The latents and text states cast for the denoiser, the text mask and the token grid."""
         (x,) = self._cast(x)
         pe, mask = self._text(cond)
         (pe,) = self._cast(pe)
-        h, w = self._grid(size)
+        return x, pe, mask, self._grid(size)
+
+    def forward(self, call, x, t, cond, size):
+        x, pe, mask, (h, w) = self._inputs(x, cond, size)
         guidance = None
         if self.denoiser.config.get("guidance_embeds"):
             guidance = torch.full((x.shape[0],), float(self.guidance or 1.0), device=x.device, dtype=torch.float32)
@@ -418,28 +427,17 @@ class QwenImage21Adapter(QwenImageAdapter):
         pe, mask = _pad_text((pe, mask), self.text_length)
         return {"prompt_embeds": pe, "prompt_embeds_mask": mask}
 
-    def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
-        b = cond["prompt_embeds"].shape[0]
-        pe, mask = self._text(cond)
-        npe, nmask = self._text(uncond)
-        out = self.pipe(prompt_embeds=pe, prompt_embeds_mask=mask, negative_prompt_embeds=npe.expand(b, -1, -1),
-                        negative_prompt_embeds_mask=nmask.expand(b, -1), true_cfg_scale=guidance,
-                        height=size["height"], width=size["width"], num_inference_steps=steps, generator=generators,
-                        output_type=output_type)
-        return out.images
+    def _call_options(self):
+        return {}  # its __call__ takes no max_sequence_length
 
     def encode_images(self, images, size):
         vae = self.pipe.vae
         rgba = torch.cat([images, torch.ones_like(images[:, :1])], dim=1) * 2 - 1  # opaque
-        lat = self.pipe._encode_vae_image(rgba.unsqueeze(2).to(vae.device, vae.dtype), generator=None)[:, :, 0]
-        b, c, h, w = lat.shape
-        return self.pipe._pack_latents(lat, b, c, h, w)
+        lat = self.pipe._encode_vae_image(rgba.unsqueeze(2).to(vae.device, vae.dtype), generator=None)
+        return self._pack(lat[:, :, 0])
 
     def forward(self, call, x, t, cond, size):
-        (x,) = self._cast(x)
-        pe, mask = self._text(cond)
-        (pe,) = self._cast(pe)
-        h, w = self._grid(size)
+        x, pe, mask, (h, w) = self._inputs(x, cond, size)
         b, n = x.shape[:2]
         img_mask = torch.cat([torch.zeros(b, pe.shape[1], dtype=torch.bool, device=x.device),
                               torch.ones(b, n // 4, dtype=torch.bool, device=x.device)], dim=1)

@@ -6,7 +6,7 @@ models' :func:`build_tokenizer`), so nothing is downloaded.  Fixed seeds: two ca
 from __future__ import annotations
 
 import torch
-from tiny_pipelines import _clip, _t5
+from tiny_pipelines import _clip, _one_block_vae, _t5
 
 WORDS = ("a", "an", "the", "red", "blue", "green", "cat", "dog", "house", "tree", "on", "in", "at", "night", "sky")
 
@@ -17,10 +17,20 @@ def _tokenizer(max_length):
     return build_tokenizer(WORDS, max_length=max_length)
 
 
+def _two_block_vae():
+    """A two-block ``AutoencoderKL`` (``vae_scale_factor`` 2, 4 latent channels): SD's and SDXL's."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4,
+                         norm_num_groups=4, layers_per_block=1, sample_size=16).eval()
+
+
 def tiny_flux_pipeline(seed=0):
     """``FluxPipeline`` with a 1+1-block transformer (4 latent channels = 1 VAE channel packed 2x2), CLIP-like and
     T5 text encoders of width 32 and a one-block VAE (scale factor 1): 16x16 pixels = 8x8 tokens."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     tok = _tokenizer(8)
@@ -35,9 +45,7 @@ def tiny_flux_pipeline(seed=0):
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                          pooled_projection_dim=32, axes_dims_rope=[4, 6, 6]).eval()
     torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035).eval()
+    vae = _one_block_vae()
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=tok,
                         text_encoder_2=t5, tokenizer_2=tok2, transformer=transformer)
 
@@ -45,7 +53,7 @@ def tiny_flux_pipeline(seed=0):
 def tiny_sd_pipeline(seed=0):
     """``StableDiffusionPipeline``: a two-level UNet with cross-attention (width 16/32), a tiny CLIP text encoder
     and a two-block VAE (scale factor 2): 16x16 pixels = 8x8 latents."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     tok = _tokenizer(10)
     clip = _clip(tok, seed=seed)
@@ -55,10 +63,7 @@ def tiny_sd_pipeline(seed=0):
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                 attention_head_dim=8, norm_num_groups=8).eval()
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4,
-                        norm_num_groups=4, layers_per_block=1, sample_size=16).eval()
+    vae = _two_block_vae()
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(vae=vae, text_encoder=clip, tokenizer=tok, unet=unet, scheduler=sched,
@@ -79,7 +84,7 @@ def _clip_projection(tokenizer, seed=0):
 def tiny_sd3_pipeline(seed=0):
     """``StableDiffusion3Pipeline``: one joint block, two CLIP-with-projection encoders and a T5 (width 32), a
     one-block VAE: 16x16 pixels = 16x16 latent tokens."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     tok = _tokenizer(8)
     torch.manual_seed(seed + 1)
@@ -87,9 +92,7 @@ def tiny_sd3_pipeline(seed=0):
                                         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
                                         pooled_projection_dim=64, out_channels=4).eval()
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035).eval()
+    vae = _one_block_vae(latent_channels=4)
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                     vae=vae, text_encoder=_clip_projection(tok, seed), tokenizer=tok,
                                     text_encoder_2=_clip_projection(tok, seed + 3), tokenizer_2=tok,
@@ -99,7 +102,7 @@ def tiny_sd3_pipeline(seed=0):
 def tiny_sdxl_pipeline(seed=0):
     """``StableDiffusionXLPipeline``: a two-level UNet with the text-time embedding, a CLIP and a
     CLIP-with-projection encoder (width 32 each), the two-block VAE: 16x16 pixels = 8x8 latents."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     tok = _tokenizer(8)
     torch.manual_seed(seed + 1)
@@ -110,10 +113,7 @@ def tiny_sdxl_pipeline(seed=0):
                                 transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
                                 cross_attention_dim=64, norm_num_groups=8).eval()
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4,
-                        norm_num_groups=4, layers_per_block=1, sample_size=16).eval()
+    vae = _two_block_vae()
     sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    timestep_spacing="leading", steps_offset=1)
     return StableDiffusionXLPipeline(vae=vae, text_encoder=_clip(tok, seed=seed), tokenizer=tok,
@@ -142,7 +142,7 @@ def tiny_wan_pipeline(seed=0):
 def tiny_chroma_pipeline(seed=0):
     """``ChromaPipeline``: a 1+1-block ``ChromaTransformer2DModel`` (4 latent channels = 1 VAE channel packed 2x2), a
     T5 text encoder (width 32, padded text masked) and the one-block VAE: 16x16 pixels = 8x8 tokens."""
-    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     tok = _tokenizer(12)
     torch.manual_seed(seed + 1)
@@ -151,9 +151,7 @@ def tiny_chroma_pipeline(seed=0):
                                            axes_dims_rope=[4, 6, 6], approximator_num_channels=8,
                                            approximator_hidden_dim=32, approximator_layers=1).eval()
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035).eval()
+    vae = _one_block_vae()
     return ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae,
                           text_encoder=_t5(tok, seed=seed), tokenizer=tok, transformer=transformer)
 

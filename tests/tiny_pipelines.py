@@ -36,6 +36,15 @@ def _t5(tokenizer, d_model=32, seed=0):
     return T5EncoderModel(config).eval()
 
 
+def _one_block_vae(sample_size=16, latent_channels=1):
+    """A one-block ``AutoencoderKL`` (``vae_scale_factor`` 1) with FLUX's shift and scaling factors."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(sample_size=sample_size, in_channels=3, out_channels=3, block_out_channels=(4,),
+                         layers_per_block=1, latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035).eval()
+
+
 def _done(pipe):
     pipe.set_progress_bar_config(disable=True)
     return pipe.to("cpu")
@@ -44,16 +53,14 @@ def _done(pipe):
 def tiny_flux_pipeline(seed=0):
     """A ``FluxPipeline``: 1 double + 1 single block, a one-level VAE (``vae_scale_factor`` 1, 1 latent channel packed
     2 x 2 into 4), CLIP + T5 text encoders.  Sizes: multiples of 2 pixels."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                          pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]).eval()
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035).eval()
+    vae = _one_block_vae(sample_size=32)
     tok, tok2 = _tokenizer(16), _tokenizer(32)
     return _done(FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=_clip(tok, seed=seed),
                               tokenizer=tok, text_encoder_2=_t5(tok2, seed=seed), tokenizer_2=tok2,

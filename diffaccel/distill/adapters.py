@@ -327,9 +327,6 @@ class Flux2Adapter(FluxAdapter):
         pe, _ = self.pipe.encode_prompt(prompt=list(prompts), device=self.device, max_sequence_length=self.text_length)
         return {"prompt_embeds": pe}
 
-    def encode_uncond(self):
-        return self.encode_prompts([""])
-
     def generate(self, prompts, cond, uncond, generators, size, *, steps, guidance, output_type="latent"):
         out = self.pipe(prompt_embeds=cond["prompt_embeds"], guidance_scale=guidance, height=size["height"],
                         width=size["width"], num_inference_steps=steps, generator=generators,
